@@ -1,0 +1,73 @@
+"""The config schema: every shipped config validates; bad input fails naming the field."""
+from pathlib import Path
+
+import pytest
+
+from selfplay.config import ConfigError, apply_overrides, load_config, parse_override
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.loop.iterations >= 1
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"debug.yaml", "single_gpu.yaml", "cluster_qwen3_8b.yaml"}
+
+
+def test_overrides_keep_types():
+    cfg = load_config(None, ["learner.lr=3e-4", "loop.iterations=5", "engine.backend=vllm", "metrics.exporters=[console]"])
+    assert cfg.learner.lr == pytest.approx(3e-4)
+    assert cfg.loop.iterations == 5 and cfg.engine.backend == "vllm"
+    assert cfg.metrics.exporters == ["console"]
+
+
+def test_nested_override_creates_section():
+    data = apply_overrides({}, ["learner.lora.r=4"])
+    assert data == {"learner": {"lora": {"r": 4}}}
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("learner.eps_high=-1", "learner.eps_high"),
+        ("learner.lr=fast", "learner.lr"),
+        ("engine.backend=tgi", "engine.backend"),
+        ("executor.max_turnz=3", "executor.max_turnz"),
+        ("verifier.band_low=0.9", "verifier"),
+        ("sandbox.memory_mb=12", "sandbox.memory_mb"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_unknown_field_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("learner:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learner.learning_rate: unknown field"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "learner: [\n"])
+def test_malformed_file(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError):
+        load_config(p)
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError):
+        parse_override(bad)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/cfg.yaml")
