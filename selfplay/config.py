@@ -134,6 +134,8 @@ class LearnerConfig(Section):
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 2e-4
     kl_cov_coef: float = 1.0
+    # seq-mean-token-sum-norm divisor (Dr.GRPO: the max generation length); None = longest completion in the batch
+    loss_norm_len: int | None = Field(None, ge=1)
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
 
@@ -144,6 +146,9 @@ class ReplayConfig(Section):
     stale_mode: Literal["drop", "downweight"] = "drop"
     self_imitation_share: float = Field(0.0, ge=0, le=1)  # SPEAR-style replay of high-advantage samples
     self_imitation_min_advantage: float = 0.5
+    stale_decay: float = Field(0.5, ge=0, le=1)  # downweight: weight = stale_decay ** (staleness - max_staleness)
+    compact_every: int = Field(64, ge=2)  # log files since the last snapshot that trigger compaction
+    fsync: bool = True  # fsync each append (survives power loss, not only a killed process)
 
 
 class RayConfig(Section):
