@@ -169,7 +169,8 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss for one micro-batch plus metrics.
 
-    per-token loss L_t = w_seq * [ w_is,t * pg_t + kl_coef * k3(logp_t, ref_t) ], aggregated by cfg.loss_agg.
+    per-token loss L_t = w_seq * [ w_is,t * pg_t + kl_coef * k3(logp_t, ref_t) (* r_t if kl_ratio_correction) ],
+    aggregated by cfg.loss_agg.
     pg_t (verl compute_policy_loss_vanilla; DAPO clip-higher; dual clip, Ye et al. 2019):
         r = exp(clamp(logp - old_logp, +-20)); pg = max(-A r, -A clip(r, 1-eps_low, 1+eps_high))
         if A < 0: pg = min(pg, -A c)
@@ -254,6 +255,8 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
                              "train without a KL term")
         kl = k3_kl(logp, ref_logp)
         metrics["kl"] = mmean(kl)
+        if cfg.kl_ratio_correction:  # DeepSeek-V3.2 / TRL use_bias_correction_kl: k3 * r, r differentiable
+            kl = kl * ratio
         per_token = per_token + cfg.kl_coef * kl
     if inp.weights is not None:
         per_token = per_token * inp.weights.to(logp.dtype).detach().view(B, 1)
