@@ -136,15 +136,15 @@ class LearnerConfig(Section):
     kl_cov_coef: float = 1.0
     # seq-mean-token-sum-norm divisor (Dr.GRPO: the max generation length); None = longest completion in the batch
     loss_norm_len: int | None = Field(None, ge=1)
+    # KL term times the (differentiable) ratio pi/pi_old: unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's
+    # use_bias_correction_kl, default True there); verl does not
+    kl_ratio_correction: bool = False
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
 
 
 class ReplayConfig(Section):
     capacity: int = Field(4096, ge=1)
-    # KL term times the (differentiable) ratio pi/pi_old: unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's
-    # use_bias_correction_kl, default True there); verl does not
-    kl_ratio_correction: bool = False
     max_staleness: int = Field(0, ge=0)  # policy versions; 0 = exactly on-policy
     stale_mode: Literal["drop", "downweight"] = "drop"
     self_imitation_share: float = Field(0.0, ge=0, le=1)  # SPEAR-style replay of high-advantage samples
