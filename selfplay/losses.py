@@ -83,7 +83,8 @@ def compute_advantages(trajs: list[Trajectory], cfg: LearnerConfig) -> list[floa
 
     grpo / drgrpo: groups are `traj.group_id` (samples of one prompt). hrpo (Dr. Zero): groups are the
     structural class `traj.meta["structure"]` (e.g. hop count), standardised like GRPO, so one sample per
-    prompt suffices. ADPO (cfg.adpo and p_hat known): A *= s(p_hat) after normalisation.
+    prompt suffices. ADPO (cfg.adpo, executor trajectories with p_hat): A *= s(p_hat) after normalisation;
+    the proposer's p_hat is its reward input, not label ambiguity, so it is never scaled.
     """
     if not trajs:
         return []
@@ -100,7 +101,8 @@ def compute_advantages(trajs: list[Trajectory], cfg: LearnerConfig) -> list[floa
     rewards = torch.tensor([float(t.reward) for t in trajs], dtype=torch.float64)
     adv = group_advantages(rewards, index, scale_by_std=cfg.advantage != "drgrpo", eps=cfg.adv_eps)
     if cfg.adpo:
-        p = torch.tensor([t.p_hat if t.p_hat is not None else float("nan") for t in trajs], dtype=torch.float64)
+        p = torch.tensor([t.p_hat if t.p_hat is not None and t.role == "executor" else float("nan") for t in trajs],
+                         dtype=torch.float64)
         scale = torch.where(p.isnan(), torch.ones_like(p), adpo_scale(p, cfg.adpo_s_min))
         adv = adv * scale
     return adv.tolist()

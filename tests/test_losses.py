@@ -137,6 +137,8 @@ def test_compute_advantages_adpo_scales_by_p_hat():
          for p in (0.4, 0.4, 0.9, None)]
     got = compute_advantages(ts, cfg(adpo=True, adpo_s_min=m))
     assert got == pytest.approx([b * k for b, k in zip(base, s)])
+    proposer = [traj("a", 1.0, p_hat=0.4, role="proposer"), traj("a", -1.0, p_hat=0.4, role="proposer")]
+    assert compute_advantages(proposer, cfg(adpo=True)) == pytest.approx(ref_group_adv([1.0, -1.0], [0, 0]))
 
 
 def test_adpo_functions():
@@ -225,7 +227,7 @@ def test_masked_tool_tokens_do_not_change_loss_or_get_gradient():
     tlp2 = junk(tlp, -float("inf")).requires_grad_()
     loss2, _ = policy_loss(PolicyLossInputs(tlp2, junk(told, float("nan")), tadv, tmask, junk(tref, 7.0),
                                             junk(tbeh, float("inf"))), c)
-    assert loss2.item() == pytest.approx(float(loss1), rel=1e-12)
+    assert loss2.item() == pytest.approx(loss1.item(), rel=1e-12)
     loss2.backward()
     assert torch.equal(tlp2.grad, tlp.grad)
 
