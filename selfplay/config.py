@@ -166,6 +166,9 @@ class RayConfig(Section):
 class MetricsConfig(Section):
     exporters: list[Literal["console", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["console"])
     trajectories_per_iteration: int = Field(8, ge=0)  # sampled full trajectories kept in the store
+    wandb_project: str = "selfplay"
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: clusters without internet; `wandb sync` later
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
 
 
 class EvalConfig(Section):
