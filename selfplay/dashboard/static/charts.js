@@ -1,0 +1,248 @@
+// Small hand-written SVG charts (line, stacked bars, heatmap) with axes, legend and a hover readout.
+// No library: the page must work offline, and these three shapes are all the dashboard draws.
+// Every piece of text goes through textContent, never innerHTML: task text is model output.
+
+const SVG = "http://www.w3.org/2000/svg";
+export const PALETTE = ["#3b6fb6", "#e8833a", "#3a9e6e", "#d0495a", "#7c5cb8", "#a0782c", "#d770ad", "#5f6b7a",
+  "#1f9fb4", "#b5b531"];
+const M = { top: 10, right: 14, bottom: 24, left: 46 };
+
+export function el(tag, attrs = {}, parent = null, text = null) {
+  const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) if (v !== undefined && v !== null) node.setAttribute(k, v);
+  if (text !== null) node.textContent = text;
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+export function fmt(v, kind = "auto") {
+  if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  if (kind === "pct") return `${(100 * v).toFixed(Math.abs(v) < 0.1 ? 1 : 0)}%`;
+  if (kind === "int") return Math.round(v).toLocaleString();
+  if (kind === "sec") return v >= 120 ? `${(v / 60).toFixed(1)} min` : `${v.toFixed(v < 10 ? 2 : 1)} s`;
+  const a = Math.abs(v);
+  if (a >= 1e6) return `${(v / 1e6).toFixed(2)}M`;
+  if (a >= 1e4) return `${(v / 1e3).toFixed(1)}k`;
+  if (a >= 100) return v.toFixed(0);
+  if (a >= 1) return v.toFixed(2);
+  if (a === 0) return "0";
+  return a >= 0.001 ? v.toFixed(3) : v.toExponential(1);
+}
+
+// Axis labels with only the decimals the tick step needs (0.2 -> "0.2", not "0.200").
+function tickFmt(t, step, kind) {
+  if (kind === "int" || kind === "sec" || kind === "pct") {
+    const scale = kind === "pct" ? 100 : 1, d = Math.max(0, -Math.floor(Math.log10(step * scale) + 1e-9));
+    const v = (t * scale).toFixed(d);
+    return kind === "pct" ? `${v}%` : kind === "sec" ? `${v}s` : Number(v).toLocaleString();
+  }
+  if (Math.abs(t) >= 1e4 || (step >= 1 && Math.abs(t) >= 1000)) return fmt(t);
+  return t.toFixed(Math.max(0, -Math.floor(Math.log10(step) + 1e-9)));
+}
+
+// Round numbers covering [lo, hi]: the axis is widened to the ticks just outside the data.
+function niceTicks(lo, hi, n = 5) {
+  if (!(hi > lo)) { const d = Math.abs(lo) || 1; lo -= d / 2; hi += d / 2; }
+  const raw = (hi - lo) / n, mag = 10 ** Math.floor(Math.log10(raw)), r = raw / mag;
+  const step = (r > 5 ? 10 : r > 2 ? 5 : r > 1 ? 2 : 1) * mag;
+  const first = Math.floor(lo / step + 1e-9), last = Math.ceil(hi / step - 1e-9), ticks = [];
+  for (let i = first; i <= last; i++) ticks.push(i === 0 ? 0 : Number((i * step).toPrecision(12)));
+  return { ticks, lo: ticks[0], hi: ticks[ticks.length - 1] };
+}
+
+function intTicks(lo, hi, n = 8) {
+  const span = Math.max(1, hi - lo), step = Math.max(1, niceTicks(0, span, n).ticks[1] || 1);
+  const out = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi; t += step) out.push(t);
+  return out;
+}
+
+export function emptyChart(node, message) {
+  node.replaceChildren();
+  node.classList.add("empty");
+  el("div", { class: "empty-msg" }, node, message);
+}
+
+// A chart frame: svg sized to the container, y axis with grid, x axis of integer iterations.
+function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks }) {
+  node.replaceChildren();
+  node.classList.remove("empty");
+  const width = Math.max(240, node.clientWidth || 400);
+  const svg = el("svg:svg", { width, height, viewBox: `0 0 ${width} ${height}`, class: "chart-svg" }, node);
+  const iw = width - M.left - M.right, ih = height - M.top - M.bottom;
+  const xs = (x) => M.left + (xHi === xLo ? iw / 2 : ((x - xLo) / (xHi - xLo)) * iw);
+  const ys = (y) => M.top + ih - ((y - yLo) / (yHi - yLo)) * ih;
+  if (band) el("svg:rect", { x: M.left, width: iw, y: ys(band[1]), height: ys(band[0]) - ys(band[1]), class: "band" }, svg);
+  const axis = el("svg:g", { class: "axis" }, svg);
+  const ticks = yTicks || niceTicks(yLo, yHi, Math.max(2, Math.round(ih / 38))).ticks;
+  const step = ticks.length > 1 ? ticks[1] - ticks[0] : 1;
+  for (const t of ticks) {
+    if (t < yLo - 1e-12 || t > yHi + 1e-12) continue;
+    el("svg:line", { x1: M.left, x2: M.left + iw, y1: ys(t), y2: ys(t), class: "grid" }, axis);
+    el("svg:text", { x: M.left - 6, y: ys(t) + 3.5, "text-anchor": "end" }, axis, tickFmt(t, step, yFmt));
+  }
+  for (const t of intTicks(xLo, xHi, Math.max(2, Math.round(iw / 60)))) {
+    el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle" }, axis, String(t));
+  }
+  el("svg:line", { x1: M.left, x2: M.left + iw, y1: M.top + ih, y2: M.top + ih, class: "baseline" }, axis);
+  return { svg, xs, ys, iw, ih, width };
+}
+
+function legend(node, items) {
+  const box = el("div", { class: "legend" }, node);
+  for (const it of items) {
+    const row = el("span", { class: "legend-item" }, box);
+    const sw = el("span", { class: it.dash ? "swatch dashed" : "swatch" }, row);
+    sw.style.background = it.dash ? "transparent" : it.color;
+    sw.style.borderColor = it.color;
+    el("span", {}, row, it.label);
+  }
+}
+
+// Hover readout: a vertical rule at the nearest x and a box listing every series' value there.
+function hover(node, f, xValues, rows) {
+  const tip = el("div", { class: "tip" }, node);
+  const rule = el("svg:line", { class: "rule", y1: M.top, y2: M.top + f.ih, visibility: "hidden" }, f.svg);
+  const pad = el("svg:rect", { x: M.left, y: M.top, width: f.iw, height: f.ih, class: "hover-pad" }, f.svg);
+  pad.addEventListener("mousemove", (ev) => {
+    const box = f.svg.getBoundingClientRect(), px = ev.clientX - box.left;
+    let best = xValues[0];
+    for (const x of xValues) if (Math.abs(f.xs(x) - px) < Math.abs(f.xs(best) - px)) best = x;
+    rule.setAttribute("x1", f.xs(best)); rule.setAttribute("x2", f.xs(best)); rule.setAttribute("visibility", "visible");
+    tip.replaceChildren();
+    el("div", { class: "tip-title" }, tip, `iteration ${best}`);
+    for (const r of rows(best)) {
+      const line = el("div", { class: "tip-row" }, tip);
+      const sw = el("span", { class: "swatch" }, line); sw.style.background = r.color;
+      el("span", { class: "tip-label" }, line, r.label);
+      el("span", { class: "tip-value" }, line, r.value);
+    }
+    tip.style.display = "block";
+    const left = f.xs(best) + 12, w = tip.offsetWidth;
+    tip.style.left = `${left + w > f.width ? f.xs(best) - w - 12 : left}px`;
+    tip.style.top = `${M.top}px`;
+  });
+  pad.addEventListener("mouseleave", () => { tip.style.display = "none"; rule.setAttribute("visibility", "hidden"); });
+}
+
+// series: [{label, color, dash, x: [], y: []}]; y null = gap. opts: yMin, yMax, yFmt, band, height.
+export function lineChart(node, series, opts = {}) {
+  const live = series.filter((s) => s.y.some((v) => v !== null));
+  if (!live.length) return emptyChart(node, opts.emptyText || "no data yet");
+  const xsAll = [...new Set(live.flatMap((s) => s.x))].sort((a, b) => a - b);
+  const ysAll = live.flatMap((s) => s.y.filter((v) => v !== null));
+  let yLo = opts.yMin ?? Math.min(...ysAll), yHi = opts.yMax ?? Math.max(...ysAll);
+  if (opts.yMin === undefined && opts.yMax === undefined) ({ lo: yLo, hi: yHi } = niceTicks(yLo, yHi));
+  else if (yHi <= yLo) yHi = yLo + 1;
+  const f = frame(node, { height: opts.height || 190, xLo: xsAll[0], xHi: xsAll[xsAll.length - 1], yLo, yHi,
+    yFmt: opts.yFmt, band: opts.band });
+  const plot = el("svg:g", { class: "plot" }, f.svg);
+  for (const s of live) {
+    let d = "", pen = false;
+    s.x.forEach((x, i) => {
+      const y = s.y[i];
+      if (y === null) { pen = false; return; }
+      d += `${pen ? "L" : "M"}${f.xs(x).toFixed(1)},${f.ys(Math.min(yHi, Math.max(yLo, y))).toFixed(1)}`;
+      pen = true;
+    });
+    const path = el("svg:path", { d, class: "series", stroke: s.color, "stroke-dasharray": s.dash || null }, plot);
+    path.dataset.label = s.label;
+    const n = s.y.filter((v) => v !== null).length;
+    if (n <= 40) s.x.forEach((x, i) => { if (s.y[i] !== null) el("svg:circle", { cx: f.xs(x), cy: f.ys(s.y[i]), r: 2.4, fill: s.color, class: "dot" }, plot); });
+  }
+  legend(node, live);
+  hover(node, f, xsAll, (x) => live.map((s) => {
+    const i = s.x.indexOf(x);
+    return { label: s.label, color: s.color, value: i < 0 ? "–" : fmt(s.y[i], opts.yFmt) };
+  }));
+}
+
+// x: iterations; stacks: [{label, color, values}] aligned with x. normalize: show shares of each bar.
+export function stackedBars(node, x, stacks, opts = {}) {
+  const live = stacks.filter((s) => s.values.some((v) => v));
+  if (!x.length || !live.length) return emptyChart(node, opts.emptyText || "no data yet");
+  const totals = x.map((_, i) => live.reduce((a, s) => a + (s.values[i] || 0), 0));
+  const yHi = opts.normalize ? 1 : niceTicks(0, Math.max(...totals)).hi;
+  const f = frame(node, { height: opts.height || 190, xLo: x[0], xHi: x[x.length - 1], yLo: 0, yHi,
+    yFmt: opts.normalize ? "pct" : opts.yFmt });
+  const step = x.length > 1 ? (f.xs(x[x.length - 1]) - f.xs(x[0])) / (x[x.length - 1] - x[0]) : f.iw / 2;
+  const bw = Math.max(1, Math.min(28, step * 0.8));
+  const plot = el("svg:g", { class: "plot" }, f.svg);
+  x.forEach((it, i) => {
+    let acc = 0;
+    const total = totals[i] || 1;
+    for (const s of live) {
+      const v = (s.values[i] || 0) / (opts.normalize ? total : 1);
+      if (v <= 0) continue;
+      el("svg:rect", { x: f.xs(it) - bw / 2, width: bw, y: f.ys(acc + v), height: f.ys(acc) - f.ys(acc + v),
+        fill: s.color, class: "series bar" }, plot);
+      acc += v;
+    }
+  });
+  legend(node, live);
+  hover(node, f, x, (it) => {
+    const i = x.indexOf(it);
+    return live.map((s) => ({ label: s.label, color: s.color,
+      value: opts.normalize ? `${fmt(s.values[i] || 0, opts.yFmt)} (${fmt((s.values[i] || 0) / (totals[i] || 1), "pct")})`
+        : fmt(s.values[i] || 0, opts.yFmt) }));
+  });
+}
+
+function heatColor(share) { // pale -> deep blue; share is relative to the fullest cell
+  const t = Math.min(1, Math.max(0, share)) ** 0.75;
+  const c0 = [232, 239, 250], c1 = [16, 52, 112];
+  return `rgb(${c0.map((a, k) => Math.round(a + (c1[k] - a) * t)).join(",")})`;
+}
+
+// difficulty: the /difficulty payload. Rows are p_hat bins centred on i/bins; an extra bottom row counts
+// tasks without a p_hat (unparseable). The band is drawn as two lines; the mean p_hat as a line on top.
+export function heatmap(node, diff, opts = {}) {
+  const per = diff.per_iteration;
+  if (!per.length) return emptyChart(node, "no tasks logged yet");
+  const iters = per.map((p) => p.iteration), lo = iters[0], hi = iters[iters.length - 1];
+  const nb = diff.bins, rows = nb + 1, height = opts.height || 260;
+  const half = 0.5 / nb;
+  const f = frame(node, { height, xLo: lo - 0.5, xHi: hi + 0.5, yLo: -half - 1 / nb, yHi: 1 + half, yFmt: "float",
+    yTicks: [0, 0.2, 0.4, 0.6, 0.8, 1] });
+  const cellW = Math.max(1, f.xs(lo + 0.5) - f.xs(lo - 0.5)), cellH = f.ys(0) - f.ys(1 / nb);
+  const byIt = new Map(per.map((p) => [p.iteration, p]));
+  const maxShare = Math.max(1e-9, ...diff.cells.map((c) => c.count / (byIt.get(c.iteration)?.tasks || 1)));
+  const plot = el("svg:g", { class: "plot" }, f.svg);
+  for (const c of diff.cells) {
+    const p = byIt.get(c.iteration), share = p && p.tasks ? c.count / p.tasks / maxShare : 0;
+    const r = el("svg:rect", { x: f.xs(c.iteration - 0.5), y: f.ys(c.bin / nb + half), width: cellW + 0.3,
+      height: cellH + 0.3, fill: heatColor(share), class: "series cell" }, plot);
+    r.dataset.iteration = c.iteration;
+  }
+  for (const p of per) {
+    if (!p.unscored) continue;
+    el("svg:rect", { x: f.xs(p.iteration - 0.5), y: f.ys(-half), width: cellW + 0.3, height: cellH + 0.3,
+      fill: "#d0495a", "fill-opacity": Math.min(1, 0.25 + p.unscored / p.tasks), class: "series cell unscored" }, plot);
+  }
+  el("svg:text", { x: M.left - 6, y: f.ys(-half - 0.5 / nb) + 3.5, "text-anchor": "end", class: "axis-note" }, f.svg, "none");
+  const [bl, bh] = diff.band;
+  for (const [v, name] of [[bh, "band high"], [bl, "band low"]]) {
+    el("svg:line", { x1: M.left, x2: M.left + f.iw, y1: f.ys(v), y2: f.ys(v), class: "band-line" }, f.svg);
+    el("svg:text", { x: M.left + f.iw - 4, y: f.ys(v) - 4, "text-anchor": "end", class: "band-label" }, f.svg,
+      `${name} ${v.toFixed(2)}`);
+  }
+  const means = per.filter((p) => p.mean_p_hat !== null);
+  if (means.length) {
+    const d = means.map((p, i) => `${i ? "L" : "M"}${f.xs(p.iteration).toFixed(1)},${f.ys(p.mean_p_hat).toFixed(1)}`).join("");
+    el("svg:path", { d, class: "series mean-line" }, plot);
+  }
+  legend(node, [{ label: "share of the iteration's tasks at this p̂", color: heatColor(0.6) },
+    { label: "mean p̂", color: "#e8833a" }, { label: "acceptance band", color: "#3a9e6e", dash: true },
+    { label: "no p̂ (unparseable)", color: "#d0495a" }]);
+  hover(node, f, iters, (it) => {
+    const p = byIt.get(it), cells = diff.cells.filter((c) => c.iteration === it);
+    const dist = cells.map((c) => `${(c.bin / nb).toFixed(2)}×${c.count}`).join(" ");
+    return [
+      { label: "tasks", color: "#5f6b7a", value: `${p.tasks} (${p.accepted} accepted)` },
+      { label: "below / in / above band", color: "#3a9e6e", value: `${p.below} / ${p.inside} / ${p.above}` },
+      { label: "mean p̂", color: "#e8833a", value: fmt(p.mean_p_hat) },
+      { label: "no p̂", color: "#d0495a", value: String(p.unscored) },
+      { label: "p̂×count", color: heatColor(0.6), value: dist || "–" },
+    ];
+  });
+}
