@@ -196,8 +196,11 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
     beh_logp = None if inp.behaviour_logp is None else torch.where(valid, inp.behaviour_logp.detach(), zero)
     n_tok = mf.sum().clamp(min=1.0)
 
-    def mmean(x: Tensor) -> float:
-        return float((x.detach().to(logp.dtype) * mf).sum() / n_tok)
+    def mmean(x: Tensor) -> Tensor:
+        return (x.detach().to(logp.dtype) * mf).sum() / n_tok
+
+    def mmax(x: Tensor) -> Tensor:  # 1.0 when nothing is valid
+        return torch.where(valid.any(), x.detach().masked_fill(~valid, -torch.inf).max(), 1.0)
 
     adv = inp.advantages.to(logp.dtype).detach()
     adv = adv.unsqueeze(1).expand_as(logp) if adv.dim() == 1 else adv
@@ -211,13 +214,13 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
     clipped_ratio = torch.minimum(torch.maximum(ratio, torch.full_like(ratio, 1.0 - cfg.eps_low)),
                                   1.0 + eps_high + torch.zeros_like(ratio))
     pg_clip = -adv * clipped_ratio
-    metrics: dict[str, float] = {
+    metrics: dict[str, Tensor | float] = {  # tensors until the end: one device sync, not one per metric
         "clip_frac_low": mmean((ratio < 1.0 - cfg.eps_low) & (adv < 0)),
         "clip_frac_high": mmean((ratio > 1.0 + eps_high) & (adv > 0)),
         "ratio_mean": mmean(ratio),
-        "ratio_max": float(ratio.detach().masked_fill(~valid, -torch.inf).max()) if valid.any() else 1.0,
+        "ratio_max": mmax(ratio),
         "approx_kl_old": mmean(-log_ratio),  # verl ppo_kl
-        "tokens": float(mf.sum()),
+        "tokens": mf.sum(),
     }
     if cfg.entropy_control == "kl_cov":  # verl compute_policy_loss_kl_cov: unclipped surrogate + |log r| on top-k
         cov = _covariance(adv, logp, valid).masked_fill(~valid, -torch.inf)
@@ -225,7 +228,7 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
         sel = torch.zeros(logp.numel(), dtype=logp.dtype, device=logp.device)
         sel[torch.topk(cov.flatten(), k).indices] = 1.0
         pg = pg_unclipped + cfg.kl_cov_coef * log_ratio.abs() * sel.view_as(logp)
-        metrics["kl_cov_frac"] = k / float(n_tok)
+        metrics["kl_cov_frac"] = k / n_tok
     else:
         pg = torch.maximum(pg_unclipped, pg_clip)
         if cfg.dual_clip_c is not None:
@@ -241,12 +244,12 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
             keep = torch.ones(logp.numel(), dtype=logp.dtype, device=logp.device)
             keep[idx[perm[:k]]] = 0.0
             pg = pg * keep.view_as(logp)
-            metrics["clip_cov_frac"] = k / float(n_tok)
+            metrics["clip_cov_frac"] = k / n_tok
 
     if beh_logp is not None and cfg.tis_cap is not None:
         w_is = truncated_is_weight(old, beh_logp, cfg.tis_cap)
         metrics["is_weight_mean"] = mmean(w_is)
-        metrics["is_weight_max"] = float(w_is.masked_fill(~valid, -torch.inf).max()) if valid.any() else 1.0
+        metrics["is_weight_max"] = mmax(w_is)
         metrics["is_truncated_frac"] = mmean(w_is >= cfg.tis_cap)
         pg = pg * w_is
 
@@ -266,4 +269,5 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
     loss = aggregate_loss(per_token, mask, cfg.loss_agg, total_tokens=total_tokens, total_seqs=total_seqs,
                           max_len=max_len if max_len is not None else cfg.loss_norm_len)
     metrics["pg_loss"] = mmean(pg)
-    return loss, metrics
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logp.device) for v in metrics.values()])
+    return loss, dict(zip(metrics.keys(), values.tolist()))
