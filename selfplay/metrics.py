@@ -145,10 +145,15 @@ class MetricsStore:
             self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('created', ?)", (repr(time.time()),))
 
     # -- writing -------------------------------------------------------------------------------------
+    def _bump(self) -> None:
+        """Inside a write transaction: readers poll `revision` (did anything change?) and `updated_at`."""
+        self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('updated_at', ?)", (repr(time.time()),))
+
     def _write(self, sql: str, rows: Iterable[tuple]) -> None:
         with self._conn:  # one transaction: rows + revision bump are seen together or not at all
             self._conn.executemany(sql, rows)
-            self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+            self._bump()
 
     def log_scalars(self, iteration: int, scalars: Mapping[str, Any]) -> None:
         _check_iteration(iteration)
@@ -200,7 +205,7 @@ class MetricsStore:
         with self._conn:
             for table in ("scalars", "tasks", "trajectories"):
                 self._conn.execute(f"DELETE FROM {table} WHERE iteration > ?", (iteration,))
-            self._conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+            self._bump()
 
     # -- reading (the writer's own view) -------------------------------------------------------------
     def last_iteration(self) -> int | None:

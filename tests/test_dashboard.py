@@ -186,6 +186,16 @@ def test_runs_without_a_store_or_with_a_broken_one_answer_clearly(tmp_path) -> N
     assert {x["id"]: x for x in c.get("/api/runs").json()}["broken"]["config"]["band_low"] == 0.3  # defaults
 
 
+def test_events_are_the_last_readable_lines(tmp_path) -> None:
+    run = tmp_path / "ev"
+    write_config(run)
+    lines = [f'{{"t": {i}, "event": "actor_restart", "actor": "rollout-{i}"}}' for i in range(5)]
+    (run / "events.jsonl").write_text("\n".join(lines) + '\n{"t": 9, "event": "res')  # last line cut by a kill
+    c = TestClient(create_app([run]), base_url="http://127.0.0.1")
+    got = c.get("/api/runs/ev/events", params={"limit": 3}).json()
+    assert [e["actor"] for e in got] == ["rollout-3", "rollout-4"]
+
+
 def test_new_iterations_and_nan_values_reach_the_api(tmp_path) -> None:
     run = tmp_path / "live"
     write_config(run)

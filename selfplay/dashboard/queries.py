@@ -24,13 +24,13 @@ def finite(value: Any) -> float | None:
 
 
 def version(conn: sqlite3.Connection) -> dict[str, Any]:
-    """What changed since the last poll: cheap (two indexed lookups and one max over scalars)."""
-    revision = conn.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+    """What changed since the last poll; index lookups only, as every open page asks every two seconds."""
+    meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('revision', 'updated_at')").fetchall())
     last = conn.execute(
         "SELECT MAX(m) FROM (SELECT MAX(iteration) AS m FROM scalars UNION ALL SELECT MAX(iteration) FROM tasks)"
     ).fetchone()[0]
-    updated = conn.execute("SELECT MAX(wall_time) FROM scalars").fetchone()[0]
-    return {"revision": int(revision[0]) if revision else 0, "last_iteration": last, "updated_at": updated}
+    updated = float(meta["updated_at"]) if "updated_at" in meta else None
+    return {"revision": int(meta.get("revision", 0)), "last_iteration": last, "updated_at": updated}
 
 
 def scalars(conn: sqlite3.Connection, prefix: str = "") -> dict[str, dict[str, list]]:
