@@ -29,7 +29,10 @@ def version(conn: sqlite3.Connection) -> dict[str, Any]:
     last = conn.execute(
         "SELECT MAX(m) FROM (SELECT MAX(iteration) AS m FROM scalars UNION ALL SELECT MAX(iteration) FROM tasks)"
     ).fetchone()[0]
-    updated = float(meta["updated_at"]) if "updated_at" in meta else None
+    if "updated_at" in meta:
+        updated = float(meta["updated_at"])
+    else:  # a store from before meta.updated_at existed: one scan of the scalars
+        updated = conn.execute("SELECT MAX(wall_time) FROM scalars").fetchone()[0]
     return {"revision": int(meta.get("revision", 0)), "last_iteration": last, "updated_at": updated}
 
 

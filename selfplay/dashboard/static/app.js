@@ -64,7 +64,7 @@ function expectedKeys(def) {
 }
 
 function renderGridChart(def, node) {
-  const empty = `no data: this run does not log ${expectedKeys(def)}`;
+  const empty = `nothing logged yet for ${expectedKeys(def)}`;
   if (def.type === "stack") {
     node.replaceChildren();
     for (const run of state.selected) {
@@ -105,6 +105,8 @@ function renderSkill() {
 function renderDifficulty() {
   const box = document.getElementById("difficulty");
   box.replaceChildren();
+  const its = state.selected.flatMap((run) => (state.data[run]?.difficulty?.per_iteration || []).map((p) => p.iteration));
+  const xLo = its.length ? Math.min(...its) : undefined, xHi = its.length ? Math.max(...its) : undefined;  // shared x
   for (const run of state.selected) {
     const wrap = el("div", { class: "heat-run" }, box);
     if (state.selected.length > 1) {
@@ -114,7 +116,7 @@ function renderDifficulty() {
     }
     const node = el("div", { class: "chart", "data-chart": `difficulty-${run}` }, wrap);
     const diff = state.data[run]?.difficulty;
-    if (diff) heatmap(node, diff, { height: state.selected.length > 1 ? 200 : 260 });
+    if (diff) heatmap(node, diff, { height: state.selected.length > 1 ? 200 : 260, xLo, xHi });
     else emptyChart(node, "loading…");
   }
 }
@@ -123,7 +125,7 @@ function renderDifficulty() {
 function verdict(per, band) {
   const recent = per.slice(-3), sum = (k) => recent.reduce((a, p) => a + p[k], 0);
   const scored = sum("scored");
-  if (!scored) return { cls: "neutral", word: "no scored tasks yet", detail: "" };
+  if (!scored) return { cls: "neutral", word: "–", detail: "no scored tasks yet" };
   const inside = sum("inside") / scored, above = sum("above") / scored, below = sum("below") / scored;
   const detail = `${fmt(inside, "pct")} of recent tasks in band ${band[0].toFixed(2)}–${band[1].toFixed(2)}`;
   if (inside >= 0.5) return { cls: "good", word: "on target", detail };

@@ -199,7 +199,8 @@ function heatColor(share) { // pale -> deep blue; share is relative to the fulle
 export function heatmap(node, diff, opts = {}) {
   const per = diff.per_iteration;
   if (!per.length) return emptyChart(node, "no tasks logged yet");
-  const iters = per.map((p) => p.iteration), lo = iters[0], hi = iters[iters.length - 1];
+  const iters = per.map((p) => p.iteration);
+  const lo = Math.min(iters[0], opts.xLo ?? Infinity), hi = Math.max(iters[iters.length - 1], opts.xHi ?? -Infinity);
   const nb = diff.bins, rows = nb + 1, height = opts.height || 260;
   const half = 0.5 / nb;
   const f = frame(node, { height, xLo: lo - 0.5, xHi: hi + 0.5, yLo: -half - 1 / nb, yHi: 1 + half, yFmt: "float",
