@@ -119,7 +119,7 @@ def test_task_filters_search_sort_and_paging(client, runs) -> None:
 def test_task_detail_lists_its_trajectories(client, runs) -> None:
     task = next(t for t in runs["alpha"]["tasks"] if t.iteration == 2)
     detail = client.get(f"/api/runs/alpha/tasks/{task.task_id}").json()
-    mine = sorted((t for t in runs["alpha"]["trajs"] if t.task_id == task.task_id), key=lambda t: t.traj_id)
+    mine = sorted((t for t in runs["alpha"]["trajs"] if t.task_id == task.task_id), key=lambda t: (t.iteration, t.traj_id))
     assert [t["traj_id"] for t in detail["trajectories"]] == [t.traj_id for t in mine]
     assert [t["text"] for t in detail["trajectories"]] == [t.text for t in mine]
     assert [t["sandbox_statuses"] for t in detail["trajectories"]] == [t.sandbox_statuses for t in mine]
@@ -184,6 +184,23 @@ def test_runs_without_a_store_or_with_a_broken_one_answer_clearly(tmp_path) -> N
     r = c.get("/api/runs/broken/tasks")
     assert r.status_code == 503 and "cannot be read" in r.json()["detail"]
     assert {x["id"]: x for x in c.get("/api/runs").json()}["broken"]["config"]["band_low"] == 0.3  # defaults
+
+
+def test_practice_trajectories_of_older_tasks_join_their_task_and_go_on_truncate(tmp_path) -> None:
+    run = tmp_path / "practice"
+    write_config(run)
+    from selfplay.metrics import TrajectoryRecord
+
+    with MetricsStore(run / "metrics.sqlite") as store:
+        store.log_tasks(2, [TaskRecord("t2", 2, "q", "7", 0.5, accepted=True)])
+        store.log_trajectories(2, [TrajectoryRecord("v1", "t2", 2, "executor", "verify sample", answer="7")])
+        store.log_trajectories(5, [TrajectoryRecord("p1", "t2", 5, "executor", "practice", reward=1.0)])
+        c = TestClient(create_app([run]), base_url="http://127.0.0.1")
+        detail = c.get("/api/runs/practice/tasks/t2").json()
+        assert [(t["traj_id"], t["iteration"]) for t in detail["trajectories"]] == [("v1", 2), ("p1", 5)]
+        assert c.get("/api/runs/practice/tasks").json()["rows"][0]["n_trajectories"] == 2
+        store.truncate_after(4)
+        assert [t["traj_id"] for t in c.get("/api/runs/practice/tasks/t2").json()["trajectories"]] == ["v1"]
 
 
 def test_events_are_the_last_readable_lines(tmp_path) -> None:

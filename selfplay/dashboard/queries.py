@@ -133,10 +133,11 @@ def task_detail(conn: sqlite3.Connection, task_id: str) -> dict[str, Any] | None
     if row is None:
         return None
     trajectories = [
-        {"traj_id": t["traj_id"], "role": t["role"], "text": t["text"], "reward": finite(t["reward"]),
+        {"traj_id": t["traj_id"], "iteration": t["iteration"], "role": t["role"], "text": t["text"], "reward": finite(t["reward"]),
          "correct": None if t["correct"] is None else bool(t["correct"]), "n_tool_calls": t["n_tool_calls"],
          "sandbox_statuses": json.loads(t["sandbox_statuses"]), "finish_reason": t["finish_reason"],
          "answer": t["answer"]}
-        for t in conn.execute("SELECT * FROM trajectories WHERE task_id = ? ORDER BY role, traj_id", (task_id,))
+        for t in conn.execute(
+            "SELECT * FROM trajectories WHERE task_id = ? ORDER BY iteration, role, traj_id", (task_id,))
     ]
     return {**_task_row(row), "trajectories": trajectories}

@@ -156,6 +156,7 @@ function renderDetail(t, run) {
     el("span", { class: `mark ${tr.correct === true ? "ok" : tr.correct === false ? "no" : ""}` }, sum,
       tr.correct === true ? "✓" : tr.correct === false ? "✗" : "·");
     el("code", {}, sum, tr.answer ?? "no answer");
+    if (tr.iteration !== t.iteration) el("span", { class: "chip-static" }, sum, `practice · it ${tr.iteration}`);
     el("span", { class: "muted" }, sum, ` ${tr.role} · reward ${fmt(tr.reward)} · ${tr.n_tool_calls} tool call${tr.n_tool_calls === 1 ? "" : "s"} · ${tr.finish_reason || "?"}`);
     for (const s of tr.sandbox_statuses) el("span", { class: `status st-${s.replace(/[^a-z_]/g, "")}` }, sum, s);
     trajectoryBody(el("div", { class: "traj-body" }, card), tr.text);
