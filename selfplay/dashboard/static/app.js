@@ -11,9 +11,9 @@ const SANDBOX_COLORS = { ok: "#3a9e6e", error: "#e8833a", timeout: "#d0495a", me
 // Each grid chart: which scalar keys it draws (a list, or a regex whose group 1 names the series).
 const CHARTS = [
   { id: "accept", title: "Accepted-task rate", sub: "share of proposed tasks inside the band", keys: ["tasks/accepted_rate"], yFmt: "pct", yMin: 0, yMax: 1 },
-  { id: "pool", title: "Task pool and proposals", sub: "tasks per iteration; pool = accepted tasks kept", keys: ["pool/size", "tasks/proposed", "tasks/accepted"], yFmt: "int" },
+  { id: "pool", title: "Pool, replay and proposals", sub: "tasks per iteration; pool = accepted tasks kept", keys: ["pool/size", "replay/size", "tasks/proposed", "tasks/accepted"], yFmt: "int" },
   { id: "proposer", title: "Proposer reward", sub: "mean reward and its components", keys: ["proposer/reward_mean", "proposer/reward/uncertainty", "proposer/reward/tool", "proposer/reward/repetition"] },
-  { id: "executor", title: "Executor vs. pseudo-labels", sub: "accuracy against the majority vote; format and parse rates", keys: ["executor/accuracy", "executor/format_rate", "proposer/parse_rate"], yFmt: "pct", yMin: 0, yMax: 1 },
+  { id: "executor", title: "Executor vs. pseudo-labels", sub: "accuracy against the majority vote; format and parse rates", keys: ["executor/accuracy", "executor/format_rate", "executor/answer_rate", "proposer/parse_rate"], yFmt: "pct", yMin: 0, yMax: 1 },
   { id: "tools", title: "Tool calls per trajectory", sub: "mean Python tool calls by the executor", keys: ["executor/tool_calls_mean"] },
   { id: "sandbox", title: "Sandbox outcomes", sub: "share of tool calls by result", type: "stack", prefix: "sandbox/status/", normalize: true, yFmt: "int" },
   { id: "entropy", title: "Policy entropy", sub: "per role; a collapse to 0 means no exploration", pattern: /^learner\/(.+)\/entropy$/ },
@@ -22,7 +22,8 @@ const CHARTS = [
   { id: "loss", title: "Learner loss", sub: "per role", pattern: /^learner\/(.+)\/loss$/ },
   { id: "grad", title: "Gradient norm", sub: "before clipping", pattern: /^learner\/(.+)\/grad_norm$/ },
   { id: "throughput", title: "Throughput", sub: "generated tokens per second", keys: ["throughput/tokens_per_s"] },
-  { id: "time", title: "Time per iteration", sub: "seconds by stage", type: "stack", prefix: "time/", exclude: ["time/total"], yFmt: "sec" },
+  // time/tools is part of the rollout stages' time, so it is not stacked on top of them
+  { id: "time", title: "Time per iteration", sub: "seconds by stage", type: "stack", prefix: "time/", exclude: ["time/total", "time/tools"], yFmt: "sec" },
   { id: "eval", title: "Evaluation", sub: "held-out benchmarks", pattern: /^eval\/(.+)$/, yFmt: "pct", yMin: 0, yMax: 1 },
   { id: "faults", title: "Faults and parse failures", sub: "actor restarts; unparseable outputs per role", pattern: /^(faults\/.+|parse_failures\/.+)$/, yFmt: "int" },
 ];
