@@ -173,6 +173,17 @@ class ReplayBuffer:
         self._apply_and_log([("truncate", "", int(version), role)])
         return {"dropped": dropped, "unconsumed": unconsumed}
 
+    def drop_where(self, predicate) -> int:
+        """Remove every trajectory for which `predicate(traj)` holds (durably); returns how many. The driver
+        uses it on resume to forget what an uncommitted iteration wrote (`meta["iteration"]`)."""
+        ids = [i for i, e in self._entries.items() if predicate(e.traj)]
+        self._apply_and_log([("dropped", i, None, None) for i in ids])
+        return len(ids)
+
+    def trajectories(self, role: str | None = None) -> list[Trajectory]:
+        """Everything held, oldest first (inspection, tests, export)."""
+        return [e.traj for e in self._entries.values() if role is None or e.traj.role == role]
+
     def compact(self) -> None:
         """Write the live state as one snapshot file and delete the files it replaces (crash-safe: files
         older than the newest snapshot are ignored and removed on load)."""

@@ -272,3 +272,17 @@ def test_sigkill_loses_nothing_written_and_duplicates_nothing(tmp_path):
                 assert all(buf.is_consumed(f"{g}-{j}") for j in range(4)), f"consumption of group {g} lost"
             assert buf.stats()["added"] == len(buf)
             start = max(present) + 1  # resume where the log ends, as a restarted producer would
+
+
+def test_drop_where_forgets_an_uncommitted_iteration_durably(tmp_path):
+    with ReplayBuffer(tmp_path, rcfg()) as buf:
+        for it, gid in ((1, "a"), (2, "b")):
+            g = group(gid)
+            for t in g:
+                t.meta["iteration"] = it
+            buf.add(g)
+        assert buf.drop_where(lambda t: t.meta["iteration"] > 1) == 4
+        assert {t.group_id for t in buf.trajectories()} == {"a"}
+    with ReplayBuffer(tmp_path, rcfg()) as again:
+        assert {t.group_id for t in again.trajectories()} == {"a"}
+        assert len(again.trajectories(role="proposer")) == 0

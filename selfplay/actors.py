@@ -1,0 +1,190 @@
+"""Ray actor shells: each wraps a plain class (RolloutWorker, Learner, Verifier, SandboxPool) with nothing but
+placement, restart policy and a start-up record.
+
+Restarts: every actor is created with `max_restarts` / `max_task_retries` from the config, so Ray restarts
+one that dies (killed, out of memory) and retries the call that was in flight. Each start appends an
+`actor_start` event to the run's events.jsonl; the driver counts restarts from them (metric
+`faults/actor_restarts`). A restarted learner reloads the run's last committed checkpoint; a restarted
+rollout worker reloads the last published adapters.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from selfplay.config import RunConfig
+from selfplay.rundir import RunDir
+
+ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
+
+
+def _started(rd: RunDir, name: str) -> None:
+    rd.event("actor_start", actor=name, pid=os.getpid(), node=ray.util.get_node_ip_address())
+
+
+def _threads(cfg: RunConfig) -> int:
+    return cfg.ray.num_cpus or os.cpu_count() or 1
+
+
+class SandboxActor:
+    def __init__(self, cfg: RunConfig, rd: RunDir):
+        from sandbox import Limits, SandboxPool
+
+        limits = Limits(**cfg.sandbox.model_dump(exclude={"workers", "min_isolation"}))
+        self.pool = SandboxPool(limits=limits, workers=cfg.sandbox.workers, min_isolation=cfg.sandbox.min_isolation)
+        _started(rd, "sandbox")
+
+    def run_many(self, codes: list[str], **kwargs: Any) -> list:
+        return self.pool.run_many(codes, **kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class VerifierActor:
+    def __init__(self, cfg: RunConfig, rd: RunDir):
+        from roles.verifier import Verifier
+
+        self.verifier = Verifier(cfg.verifier)
+        _started(rd, "verifier")
+
+    def vote_many(self, groups: list[list[str | None]]) -> list:
+        return [self.verifier.vote(texts) for texts in groups]
+
+    def match_many(self, texts: list[str | None], references: list[str]) -> list[bool | None]:
+        """Per completion: True/False against its reference, None when it has no final answer."""
+        return [None if self.verifier.extract(t) is None else self.verifier.matches(t, ref)
+                for t, ref in zip(texts, references)]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerActor:
+    def __init__(self, cfg: RunConfig, rd: RunDir):
+        import torch
+
+        from selfplay.learner import Learner
+
+        torch.set_num_threads(_threads(cfg))
+        self.learner = Learner(cfg.model, cfg.learner, seed=cfg.seed)
+        ckpt = rd.state().get("checkpoint")
+        if ckpt:  # a restart, or a resumed run: continue from the last committed iteration
+            self.learner.load_checkpoint(ckpt)
+        _started(rd, "learner")
+
+    def train_step(self, role: str, trajectories: list, weights: list[float] | None = None) -> dict[str, float]:
+        return self.learner.train_step(role, trajectories, weights)
+
+    def export(self, role: str, out_dir: str):
+        return self.learner.export(role, out_dir)
+
+    def save_checkpoint(self, root: str) -> str:
+        return str(self.learner.save_checkpoint(root))
+
+    def versions(self) -> dict[str, int]:
+        return dict(self.learner.policy_version)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RolloutActor:
+    def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any):
+        from selfplay.rollout_worker import RolloutWorker
+
+        def run_many(codes: list[str], **kwargs: Any) -> list:
+            return ray.get(sandbox.run_many.remote(codes, **kwargs))
+
+        self.worker = RolloutWorker(cfg, run_many, adapters_dir=str(rd.adapters), threads=_threads(cfg))
+        _started(rd, "rollout")
+
+    def propose(self, count: int, pool_questions: list[str], seed: int) -> list:
+        return self.worker.propose(count, pool_questions, seed)
+
+    def solve(self, questions: list[str], task_ids: list[str], n: int) -> list:
+        return self.worker.solve(questions, task_ids, n)
+
+    def update_weights(self, update: Any) -> dict[str, int]:
+        return self.worker.update_weights(update)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class Actors:
+    sandbox: Any
+    verifier: Any
+    learner: Any
+    rollout: Any
+    placement_group: Any = None
+
+    @classmethod
+    def start(cls, cfg: RunConfig, rd: RunDir) -> "Actors":
+        """Create the actors. Colocated (debug, one GPU): all share the node, fractional GPUs from
+        `ray.gpus`. Split (cluster): a placement group with one bundle for the learner and one for rollouts."""
+        import torch
+
+        gpus = dict(cfg.ray.gpus)
+        if not gpus and cfg.ray.colocate and torch.cuda.is_available():
+            gpus = {"learner": 0.5, "rollout": 0.5}  # one GPU shared by training and generation
+        retry = dict(max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
+        pg, sched = None, {}
+        if not cfg.ray.colocate:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            pg = placement_group([{"CPU": 1, "GPU": gpus.get("learner", 0)},
+                                  {"CPU": 1, "GPU": gpus.get("rollout", 0)}], strategy="PACK")
+            ray.get(pg.ready())
+            sched = {role: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+                     for i, role in enumerate(("learner", "rollout"))}
+
+        def remote(klass: type, role: str | None, **opts: Any):
+            opts = {"num_cpus": 0, **retry, **opts}
+            if role:
+                opts["num_gpus"] = gpus.get(role, 0)
+                if role in sched:
+                    opts["scheduling_strategy"] = sched[role]
+            return ray.remote(klass).options(**opts)
+
+        sandbox = remote(SandboxActor, None).remote(cfg, rd)
+        verifier = remote(VerifierActor, None).remote(cfg, rd)
+        learner = remote(LearnerActor, "learner").remote(cfg, rd)
+        rollout = remote(RolloutActor, "rollout").remote(cfg, rd, sandbox)
+        actors = cls(sandbox, verifier, learner, rollout, pg)
+        ray.get([a.pid.remote() for a in (sandbox, verifier, learner, rollout)])  # surface start-up errors now
+        return actors
+
+    def stop(self) -> None:
+        for a in (self.rollout, self.learner, self.verifier, self.sandbox):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+
+
+def restart_counts(rd: RunDir) -> dict[str, int]:
+    """Starts beyond the first, per actor name, over this run's whole history (resumes start actors anew
+    and are not counted: the driver records a `driver_start` event that resets the baseline)."""
+    counts: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    for e in rd.read_events():
+        if e.get("event") == "driver_start":
+            seen = {}
+        elif e.get("event") == "actor_start":
+            name = e["actor"]
+            if seen.get(name):
+                counts[name] = counts.get(name, 0) + 1
+            seen[name] = seen.get(name, 0) + 1
+    return counts
+
+

@@ -1,0 +1,179 @@
+"""The driver: owns a run directory, starts Ray and the actors, runs iterations, commits each one.
+
+Commit protocol (why a SIGKILL loses at most the iteration in flight, and a resume duplicates nothing):
+an iteration's checkpoint is written by the learner, then `state.json` records {iteration, checkpoint} with
+an atomic rename: that rename is the commit. Pool, replay buffer and metrics are appended during the
+iteration; on resume everything they hold from iterations after the committed one is dropped, the learner
+reloads the committed checkpoint, and its adapters are republished to the rollout engine.
+SIGINT/SIGTERM (also `selfplay stop` / `ray job stop`) set a flag; the loop stops at the next safe point
+between steps, leaving the last committed iteration as the resume point.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from selfplay.actors import Actors, restart_counts
+from selfplay.loop import Context, StopRequested, run_iteration
+from selfplay.rundir import RunDir
+
+log = logging.getLogger("selfplay")
+
+
+def _setup_logging(rd: RunDir) -> None:
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_selfplay", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(rd.logs / "driver.log")
+    fh.setFormatter(fmt)
+    fh._selfplay = True  # type: ignore[attr-defined]
+    root.addHandler(fh)
+
+
+class Driver:
+    def __init__(self, rd: RunDir, resume: bool = False):
+        self.rd = rd
+        self.resume = resume
+        self.cfg = rd.load_config()
+        self._stop = False
+        self._signals = 0
+
+    # ------------------------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        self._signals += 1
+        self._stop = True
+        self.rd.event("signal", signal=signal.Signals(signum).name)
+        if self._signals >= 3:  # the user insists: leave now; the last committed iteration stays valid
+            raise KeyboardInterrupt
+        log.warning("%s received: stopping at the next safe point", signal.Signals(signum).name)
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    # ------------------------------------------------------------------------------------ run
+    def run(self) -> int:
+        from selfplay.exporters import make_exporters
+        from selfplay.metrics import MetricsStore
+        from selfplay.replay import ReplayBuffer
+        from selfplay.task_pool import TaskPool
+
+        cfg, rd = self.cfg, self.rd
+        _setup_logging(rd)
+        self._install_signals()
+        state = rd.state()
+        done = int(state.get("iteration", 0)) if self.resume else 0
+        if self.resume and state.get("status") == "finished" and done >= cfg.loop.iterations:
+            print(f"run already finished ({done} iterations)", file=sys.stderr)
+            return 0
+        rd.event("driver_start", pid=os.getpid(), resume=self.resume, from_iteration=done)
+        rd.write_state(status="running", pid=os.getpid())
+
+        pool = TaskPool(rd.pool, cfg.loop.pool_capacity)
+        replay = ReplayBuffer(rd.replay, cfg.replay)
+        exporters = make_exporters(cfg.metrics, rd.root, resume_from=done if self.resume else None,
+                                   run_name=cfg.name, run_config=cfg.model_dump(mode="json"))
+        store = MetricsStore(rd.metrics, exporters=exporters)
+        if self.resume:
+            dropped = pool.truncate_after(done)
+            replay_dropped = self._rollback_replay(replay, state, done)
+            store.truncate_after(done)
+            rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped)
+            log.info("resuming after iteration %d (dropped %d pool tasks, replay %s)", done, dropped, replay_dropped)
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=Console(stderr=True))
+        started_ray = False
+        actors = None
+        status, code = "failed", 1
+        try:
+            if not ray.is_initialized():
+                if cfg.ray.address:
+                    ray.init(address=cfg.ray.address, log_to_driver=True)
+                else:
+                    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+                    started_ray = True
+            actors = Actors.start(cfg, rd)
+            versions = ray.get(actors.learner.versions.remote())
+            ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop)
+            if self.resume:
+                self._republish(ctx)
+            progress.start()
+            bar = progress.add_task("iterations", total=cfg.loop.iterations, completed=done, stage="")
+            ctx.on_stage = lambda stage: progress.update(bar, stage=stage)
+            for it in range(done + 1, cfg.loop.iterations + 1):
+                if self._stop:
+                    raise StopRequested()
+                result = run_iteration(ctx, it)
+                if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
+                    result.scalars.update(self._evaluate(ctx))
+                restarts = restart_counts(rd)
+                result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
+                store.log_tasks(it, result.tasks)
+                store.log_trajectories(it, result.trajectories)
+                store.log_scalars(it, result.scalars)
+                if it % cfg.loop.checkpoint_every == 0 or it == cfg.loop.iterations:
+                    ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
+                    rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
+                progress.update(bar, completed=it, stage="")
+            status, code = "finished", 0
+        except (StopRequested, KeyboardInterrupt):
+            status, code = "stopped", 130
+            log.warning("stopped; resume with: selfplay resume %s", rd.root)
+        except Exception:
+            log.exception("run failed")
+            raise
+        finally:
+            progress.stop()
+            rd.write_state(status=status)
+            rd.event("driver_end", status=status)
+            store.close()
+            replay.close()
+            if actors is not None:
+                actors.stop()
+            if started_ray:
+                ray.shutdown()
+        return code
+
+    def _rollback_replay(self, replay, state: dict, done: int) -> dict:
+        """Drop what iterations after the committed one wrote: their trajectories and their consumption."""
+        versions = state.get("versions") or {"proposer": 0, "executor": 0}
+        out = {}
+        for role, v in versions.items():
+            out[role] = replay.truncate_after(int(v), role=role)
+        out["iterations"] = replay.drop_where(lambda t: int(t.meta.get("iteration", 0)) > done)
+        return out
+
+    def _republish(self, ctx: Context) -> None:
+        """After a resume the engine may hold adapters from the lost iteration: push the committed ones."""
+        from selfplay.rollout_worker import record_published
+
+        for role, version in ctx.versions.items():
+            if version <= 0:
+                continue
+            out_dir = self.rd.adapters / role / f"v{version:06d}-resume-{int(time.time())}"
+            update = ray.get(ctx.actors.learner.export.remote(role, str(out_dir)))
+            ray.get(ctx.actors.rollout.update_weights.remote(update))
+            if hasattr(update, "path"):
+                record_published(self.rd.adapters, role, update.path, update.version)
+
+    def _evaluate(self, ctx: Context) -> dict[str, float]:
+        from selfplay.evaluation import evaluate_during_training
+
+        try:
+            return evaluate_during_training(ctx)
+        except Exception as e:  # an evaluation bug must not kill a training run
+            log.exception("evaluation failed")
+            ctx.rd.event("eval_failed", error=repr(e))
+            return {}

@@ -1,0 +1,300 @@
+"""One co-evolution iteration, Agent0-style (shared/reference/algorithms.md), each step its own function:
+
+1. propose:        the proposer samples candidate tasks (groups of `proposer.group_size` per prompt);
+2. solve + verify: the executor answers each parseable candidate k times with tools; majority vote -> p_hat;
+3. reward:         proposer rewards (uncertainty + tool use - repetition) -> proposer trajectories;
+4. admit:          candidates inside the difficulty band enter the task pool with their pseudo-labels;
+5. practice:       the executor samples groups on pool tasks, rewarded against the pseudo-labels;
+6. learn/publish:  GRPO/ADPO updates from the replay buffer; new adapters reach the rollout engine.
+
+Steps talk to Ray actor handles (selfplay/actors.py); the math lives in roles/ and selfplay/losses.py.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import ray
+
+from roles.proposer_reward import score_batch
+from selfplay.config import RunConfig
+from selfplay.metrics import TaskRecord, TrajectoryRecord
+from selfplay.replay import ReplayBuffer
+from selfplay.rollout_worker import record_published
+from selfplay.rundir import RunDir
+from selfplay.task_pool import PoolTask, TaskPool
+from selfplay.types import Trajectory
+
+SANDBOX_STATUSES = ("ok", "error", "timeout", "memory_limit", "output_limit", "killed", "sandbox_error")
+
+
+@dataclass
+class Context:
+    """What the steps share: config, run dir, actor handles, stores, the learner's policy versions."""
+
+    cfg: RunConfig
+    rd: RunDir
+    actors: Any
+    pool: TaskPool
+    replay: ReplayBuffer
+    versions: dict[str, int]
+    stop_requested: Any = lambda: False  # callable: the driver's signal flag
+    on_stage: Any = lambda stage: None  # callable: the driver's progress display
+
+
+@dataclass
+class IterationResult:
+    scalars: dict[str, float] = field(default_factory=dict)
+    tasks: list[TaskRecord] = field(default_factory=list)
+    trajectories: list[TrajectoryRecord] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    """Raised at a safe point between steps after SIGINT/SIGTERM; the iteration is not committed."""
+
+
+@contextmanager
+def timed(scalars: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        scalars[f"time/{stage}"] = scalars.get(f"time/{stage}", 0.0) + time.perf_counter() - t0
+
+
+def _seed(cfg: RunConfig, iteration: int, stage: int) -> int:
+    return (cfg.seed * 1_000_003 + iteration * 101 + stage) % (2**31)
+
+
+def _safe_point(ctx: Context, next_stage: str) -> None:
+    """A safe point between steps: honour a stop request, else announce the next step."""
+    if ctx.stop_requested():
+        raise StopRequested()
+    ctx.on_stage(next_stage)
+
+
+# ---------------------------------------------------------------------------------------------- steps
+def propose(ctx: Context, iteration: int) -> list:
+    """Step 1: candidate tasks, conditioned on a few earlier pool tasks."""
+    rng = random.Random(_seed(ctx.cfg, iteration, 1))
+    examples = [t.question for t in ctx.pool.sample(8, rng)]
+    return ray.get(ctx.actors.rollout.propose.remote(ctx.cfg.proposer.candidates_per_iteration, examples,
+                                                     _seed(ctx.cfg, iteration, 2)))
+
+
+def solve_and_vote(ctx: Context, proposals: list, scalars: dict[str, float]) -> tuple[dict, dict]:
+    """Step 2: k executor answers per parseable candidate, then the verifier's vote on each."""
+    ok = [p for p in proposals if p.task.ok]
+    if not ok:
+        return {}, {}
+    with timed(scalars, "solve"):
+        groups = ray.get(ctx.actors.rollout.solve.remote([p.task.question for p in ok], [p.task_id for p in ok],
+                                                         ctx.cfg.executor.samples_per_task))
+    with timed(scalars, "verify"):
+        votes = ray.get(ctx.actors.verifier.vote_many.remote([[r.model_text for r in g] for g in groups]))
+    return {p.task_id: g for p, g in zip(ok, groups)}, {p.task_id: v for p, v in zip(ok, votes)}
+
+
+def reward_proposals(ctx: Context, proposals: list, rollouts: dict, votes: dict) -> list:
+    """Step 3: Agent0 proposer rewards; returns one ProposerReward per proposal."""
+    questions = [p.task.question if p.task.ok else None for p in proposals]
+    p_hats = [votes[p.task_id].p_hat if p.task_id in votes else None for p in proposals]
+    tools = [[r.n_tool_calls for r in rollouts.get(p.task_id, [])] for p in proposals]
+    return score_batch(questions, p_hats, tools, ctx.cfg.proposer)
+
+
+def admit(ctx: Context, iteration: int, proposals: list, votes: dict) -> tuple[list[PoolTask], dict[str, str]]:
+    """Step 4: in-band candidates with a pseudo-label enter the pool; returns them and each reject reason."""
+    candidates, reasons = [], {}
+    for p in proposals:
+        vote = votes.get(p.task_id)
+        if not p.task.ok:
+            reasons[p.task_id] = f"parse:{p.task.reason}"
+        elif vote is None or vote.label is None:
+            reasons[p.task_id] = "no_majority_answer"
+        elif not vote.in_band:
+            reasons[p.task_id] = "too_easy" if vote.p_hat > ctx.cfg.verifier.band_high else "too_hard"
+        elif p.task.question in ctx.pool:
+            reasons[p.task_id] = "duplicate"
+        else:
+            candidates.append(PoolTask(p.task_id, p.task.question, vote.label, vote.p_hat, iteration,
+                                       {"tie": vote.tie, "k": vote.k}))
+    return ctx.pool.add(candidates), reasons
+
+
+def practice(ctx: Context, iteration: int, scalars: dict[str, float]) -> tuple[list[Trajectory], list]:
+    """Step 5: executor groups on pool tasks (this iteration's first), rewarded against the pseudo-labels."""
+    cfg = ctx.cfg
+    rng = random.Random(_seed(cfg, iteration, 3))
+    fresh = [t for t in ctx.pool.tasks if t.iteration == iteration][: cfg.executor.tasks_per_iteration]
+    older = [t for t in ctx.pool.tasks if t.iteration != iteration]
+    tasks = fresh + rng.sample(older, min(len(older), cfg.executor.tasks_per_iteration - len(fresh)))
+    if not tasks:
+        return [], []
+    with timed(scalars, "practice"):
+        groups = ray.get(ctx.actors.rollout.solve.remote([t.question for t in tasks], [t.task_id for t in tasks],
+                                                         cfg.executor.group_size))
+    flat = [r for g in groups for r in g]
+    refs = [t.pseudo_label for t, g in zip(tasks, groups) for _ in g]
+    with timed(scalars, "verify"):
+        verdicts = ray.get(ctx.actors.verifier.match_many.remote([r.model_text for r in flat], refs))
+    vc = cfg.verifier
+    trajs, rollouts = [], []
+    by_id = {t.task_id: t for t in tasks}
+    for r, verdict in zip(flat, verdicts):
+        reward = vc.format_penalty if verdict is None else vc.correct_reward if verdict else vc.wrong_reward
+        t = r.to_trajectory(reward, p_hat=by_id[r.task_id].p_hat, policy_version=ctx.versions["executor"],
+                            group_id=f"{iteration}:{r.task_id}")
+        t.meta.update(iteration=iteration, correct=verdict, temperature=cfg.executor.temperature)
+        trajs.append(t)
+        rollouts.append(r)
+    answered = [v for v in verdicts if v is not None]
+    scalars["executor/accuracy"] = sum(bool(v) for v in verdicts) / len(verdicts)
+    scalars["executor/format_rate"] = len(answered) / len(verdicts)
+    scalars["executor/tasks"] = float(len(tasks))
+    return trajs, rollouts
+
+
+def learn(ctx: Context, role: str, updates: int) -> tuple[Any, list[list[str]]]:
+    """Step 6a: start `updates` learner steps for `role` on replay groups; returns the pending future (the
+    caller overlaps it with other work) and the trajectory ids each step trains on."""
+    futures, batches = [], []
+    version = ctx.versions[role]
+    # One step trains on one iteration's worth of groups; further steps take what is left (staleness-bound).
+    groups = ctx.cfg.proposer.candidates_per_iteration if role == "proposer" else ctx.cfg.executor.tasks_per_iteration
+    for _ in range(updates):
+        batch = ctx.replay.sample(role, max_groups=groups, current_version=version)
+        if not len(batch):
+            break
+        futures.append(ctx.actors.learner.train_step.remote(role, batch.trajectories, batch.weights))
+        batches.append(batch.ids)
+        version += 1
+        ctx.replay.mark_consumed(batch.ids, version)
+    return futures, batches
+
+
+def finish_learning(ctx: Context, role: str, futures: list, scalars: dict[str, float]) -> None:
+    """Step 6b: wait for the role's updates, publish its new adapter to the rollout engine."""
+    if not futures:
+        return
+    with timed(scalars, f"learn_{role}"):
+        results = ray.get(futures)
+    for k, v in results[-1].items():
+        scalars[f"learner/{role}/{k}"] = float(v)
+    ctx.versions.update(ray.get(ctx.actors.learner.versions.remote()))
+    with timed(scalars, "weight_sync"):
+        out_dir = ctx.rd.adapters / role / f"v{ctx.versions[role]:06d}"
+        update = ray.get(ctx.actors.learner.export.remote(role, str(out_dir)))
+        ray.get(ctx.actors.rollout.update_weights.remote(update))
+        if hasattr(update, "path"):
+            record_published(ctx.rd.adapters, role, update.path, update.version)
+
+
+# ------------------------------------------------------------------------------------------ iteration
+def run_iteration(ctx: Context, iteration: int) -> IterationResult:
+    cfg, out = ctx.cfg, IterationResult()
+    s = out.scalars
+    t0 = time.perf_counter()
+
+    _safe_point(ctx, "propose")
+    with timed(s, "propose"):
+        proposals = propose(ctx, iteration)
+    _safe_point(ctx, "solve + verify")
+    rollouts, votes = solve_and_vote(ctx, proposals, s)
+    _safe_point(ctx, "reward + learn proposer")
+    rewards = reward_proposals(ctx, proposals, rollouts, votes)
+    proposer_trajs = []
+    for p, r in zip(proposals, rewards):
+        t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
+        t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
+        proposer_trajs.append(t)
+    ctx.replay.add(proposer_trajs)
+    admitted, reasons = admit(ctx, iteration, proposals, votes)
+    # The proposer's update touches only its adapter: it runs on the learner while the executor practises.
+    proposer_futures, _ = learn(ctx, "proposer", cfg.loop.proposer_updates)
+    if not cfg.loop.overlap:
+        finish_learning(ctx, "proposer", proposer_futures, s)
+    _safe_point(ctx, "practice")
+    executor_trajs, practice_rollouts = practice(ctx, iteration, s)
+    ctx.replay.add(executor_trajs)
+    if cfg.loop.overlap:
+        finish_learning(ctx, "proposer", proposer_futures, s)
+    _safe_point(ctx, "learn executor")
+    executor_futures, _ = learn(ctx, "executor", cfg.loop.executor_updates)
+    finish_learning(ctx, "executor", executor_futures, s)
+
+    _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
+               executor_trajs)
+    stages = ("propose", "solve", "verify", "practice", "learn_proposer", "learn_executor", "weight_sync")
+    s["time/total"] = time.perf_counter() - t0
+    s["time/tools"] = sum(c.duration_s for g in rollouts.values() for r in g for c in r.tool_calls) + sum(
+        c.duration_s for r in practice_rollouts for c in r.tool_calls)
+    s["time/overhead"] = max(0.0, s["time/total"] - sum(s.get(f"time/{k}", 0.0) for k in stages))
+    return out
+
+
+def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
+               executor_trajs) -> None:
+    s = out.scalars
+    n = max(1, len(proposals))
+    parsed = [p for p in proposals if p.task.ok]
+    s["tasks/proposed"] = float(len(proposals))
+    s["proposer/parse_rate"] = len(parsed) / n
+    s["parse_failures/proposer"] = float(len(proposals) - len(parsed))
+    s["tasks/accepted"] = float(len(admitted))
+    s["tasks/accepted_rate"] = len(admitted) / n
+    s["pool/size"] = float(len(ctx.pool))
+    s["proposer/reward_mean"] = sum(r.total for r in rewards) / n
+    ok_rewards = [r for r in rewards if r.format_ok]
+    for part in ("uncertainty", "tool", "repetition"):
+        s[f"proposer/reward/{part}"] = sum(getattr(r, part) for r in ok_rewards) / max(1, len(ok_rewards))
+    all_rollouts = [r for g in rollouts.values() for r in g] + list(practice_rollouts)
+    statuses = Counter(st for r in all_rollouts for st in r.statuses)
+    for st in SANDBOX_STATUSES:
+        s[f"sandbox/status/{st}"] = float(statuses.get(st, 0))
+    if all_rollouts:
+        s["executor/tool_calls_mean"] = sum(r.n_tool_calls for r in all_rollouts) / len(all_rollouts)
+        s["parse_failures/executor"] = float(sum(bool(r.malformed) for r in all_rollouts))
+        s["executor/answer_rate"] = sum(r.answer is not None for r in all_rollouts) / len(all_rollouts)
+    tokens = sum(len(r.completion_ids) for r in all_rollouts) + sum(len(p.completion_ids) for p in proposals)
+    gen_time = sum(s.get(f"time/{k}", 0.0) for k in ("propose", "solve", "practice"))
+    s["throughput/tokens_per_s"] = tokens / gen_time if gen_time else 0.0
+    s["replay/size"] = float(len(ctx.replay))
+    admitted_ids = {t.task_id for t in admitted}
+    for p, r in zip(proposals, rewards):
+        vote = votes.get(p.task_id)
+        group = rollouts.get(p.task_id, [])
+        agreement: dict[str, int] = {}
+        if vote is not None:
+            for a in vote.answers:
+                if a is not None:
+                    agreement[a.text] = agreement.get(a.text, 0) + 1
+        out.tasks.append(TaskRecord(
+            task_id=p.task_id, iteration=iteration, question=p.task.question or p.text,
+            pseudo_label=vote.label if vote else None, p_hat=vote.p_hat if vote else None,
+            proposer_reward=r.total,
+            reward_components={"uncertainty": r.uncertainty, "tool": r.tool, "repetition": r.repetition,
+                               "format_ok": r.format_ok},
+            agreement=agreement, n_samples=len(group),
+            mean_tool_calls=(sum(x.n_tool_calls for x in group) / len(group)) if group else None,
+            accepted=p.task_id in admitted_ids, reject_reason=reasons.get(p.task_id),
+        ))
+        for x in group[: ctx.cfg.metrics.verification_samples_per_task]:  # bounded: the store stays small
+            correct = None if vote is None or vote.label is None else (x.answer is not None and bool(
+                vote.agrees[x.sample_index]))
+            out.trajectories.append(_record(x, iteration, correct, None))
+    keep = ctx.cfg.metrics.trajectories_per_iteration
+    for t, x in list(zip(executor_trajs, practice_rollouts))[:keep]:
+        out.trajectories.append(_record(x, iteration, t.meta.get("correct"), t.reward, traj_id=t.traj_id))
+
+
+def _record(r, iteration: int, correct, reward, traj_id: str | None = None) -> TrajectoryRecord:
+    return TrajectoryRecord(
+        traj_id=traj_id or f"{r.task_id}:{r.sample_index}:{iteration}", task_id=r.task_id, iteration=iteration,
+        role="executor", text=r.text, reward=reward, correct=correct, n_tool_calls=r.n_tool_calls,
+        sandbox_statuses=list(r.statuses), finish_reason=r.finish, answer=r.answer,
+    )

@@ -1,0 +1,153 @@
+"""End to end on real parts: the CLI, a local Ray runtime, the embedded model, real sandboxes.
+
+Each test runs `selfplay` as a user would (a subprocess), then checks what every stage left in the run
+directory. Sizes are shrunk with dotted overrides so the suite stays short on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfplay.rundir import RunDir
+from selfplay.task_pool import question_key
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+# Small but complete: every stage runs and writes something.
+TINY = [
+    "proposer.candidates_per_iteration=2", "proposer.group_size=2", "proposer.max_tokens=128",
+    "executor.samples_per_task=4", "executor.group_size=2", "executor.tasks_per_iteration=2",
+    "executor.max_turns=2", "executor.max_tokens_per_turn=96", "eval.every=0",
+    "metrics.trajectories_per_iteration=4",
+]
+
+
+def selfplay(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    return subprocess.Popen([sys.executable, "-m", "selfplay", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def metrics_rows(rd: RunDir, sql: str) -> list[tuple]:
+    con = sqlite3.connect(f"file:{rd.metrics}?mode=ro", uri=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def check_run_outputs(rd: RunDir, iterations: int) -> None:
+    """What each stage must have produced, for every iteration."""
+    state = rd.state()
+    assert state["status"] == "finished" and state["iteration"] == iterations, state
+    assert Path(state["checkpoint"]).is_dir()
+    its = [r[0] for r in metrics_rows(rd, "SELECT DISTINCT iteration FROM scalars ORDER BY iteration")]
+    assert its == list(range(1, iterations + 1)), its  # no gap, no duplicate
+    for it in its:
+        keys = {r[0] for r in metrics_rows(rd, f"SELECT key FROM scalars WHERE iteration={it}")}
+        for k in ("tasks/proposed", "proposer/parse_rate", "proposer/reward_mean", "pool/size",
+                  "time/total", "time/propose", "faults/actor_restarts"):
+            assert k in keys, (it, k, sorted(keys))
+        n_tasks = metrics_rows(rd, f"SELECT COUNT(*) FROM tasks WHERE iteration={it}")[0][0]
+        proposed = dict(metrics_rows(rd, f"SELECT key, value FROM scalars WHERE iteration={it}"))["tasks/proposed"]
+        assert n_tasks == proposed > 0  # every proposal is recorded with its verdict
+    # Accepted tasks are in the pool, within the band, once each.
+    pool = [json.loads(line) for line in rd.pool.read_text().splitlines()] if rd.pool.exists() else []
+    cfg = rd.load_config()
+    assert len({question_key(t["question"]) for t in pool}) == len(pool)
+    for t in pool:
+        assert cfg.verifier.band_low <= t["p_hat"] <= cfg.verifier.band_high
+        assert 1 <= t["iteration"] <= iterations
+    accepted = metrics_rows(rd, "SELECT COUNT(*) FROM tasks WHERE accepted=1")[0][0]
+    assert accepted == len(pool)
+
+
+def replay_ids(rd: RunDir) -> list[tuple[str, int]]:
+    from selfplay.replay import ReplayBuffer
+
+    buf = ReplayBuffer(rd.replay, rd.load_config().replay)
+    try:
+        return [(t.traj_id, int(t.meta.get("iteration", 0))) for t in buf.trajectories()]
+    finally:
+        buf.close()
+
+
+def test_debug_run_two_iterations_survives_a_killed_actor(tmp_path):
+    """Two iterations of the debug config; the rollout actor is SIGKILLed mid-iteration and the run
+    completes anyway, with the restart logged and counted."""
+    rd = RunDir(tmp_path / "run")
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY)
+    wait_for(lambda: any(e.get("event") == "actor_start" and e["actor"] == "rollout" for e in rd.read_events()),
+             300, "the rollout actor", proc)
+    time.sleep(3)  # inside iteration 1: proposing
+    pid = next(e["pid"] for e in rd.read_events() if e.get("event") == "actor_start" and e["actor"] == "rollout")
+    os.kill(pid, signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    check_run_outputs(rd, 2)
+    starts = [e for e in rd.read_events() if e.get("event") == "actor_start" and e["actor"] == "rollout"]
+    assert len(starts) >= 2  # restarted
+    restarts = metrics_rows(rd, "SELECT MAX(value) FROM scalars WHERE key='faults/actor_restarts'")[0][0]
+    assert restarts >= 1
+    # Both roles trained and published adapters; the replay buffer holds both roles' trajectories.
+    published = json.loads((rd.adapters / "published.json").read_text())
+    assert "proposer" in published and published["proposer"]["version"] >= 1
+    ids = replay_ids(rd)
+    assert ids and len({i for i, _ in ids}) == len(ids)
+
+
+def test_sigkill_driver_then_resume(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", "loop.iterations=3", *TINY, start_new_session=True)
+    wait_for(lambda: rd.state().get("iteration", 0) >= 1, 600, "iteration 1 to commit", proc)
+    time.sleep(2)  # into iteration 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert rd.state()["status"] == "running"  # nobody had a chance to say otherwise
+    resumed = selfplay("resume", str(rd.root))
+    out = finish(resumed)
+    assert resumed.returncode == 0, out
+    check_run_outputs(rd, 3)
+    assert any(e.get("event") == "resume" for e in rd.read_events())
+    ids = replay_ids(rd)
+    assert len({i for i, _ in ids}) == len(ids)
+    assert {it for _, it in ids} <= {1, 2, 3}
+    # A second resume of a finished run does nothing and says so.
+    again = selfplay("resume", str(rd.root))
+    assert "already finished" in finish(again) and again.returncode == 0
+
+
+def test_sigterm_stops_at_a_safe_point(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", "loop.iterations=50", *TINY)
+    wait_for(lambda: rd.state().get("iteration", 0) >= 1, 600, "iteration 1 to commit", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, timeout=600)
+    assert proc.returncode == 130, out
+    state = rd.state()
+    assert state["status"] == "stopped" and 1 <= state["iteration"] < 50
