@@ -72,6 +72,7 @@ class ProposerConfig(Section):
     bleu_tau: float = Field(0.5, ge=0, le=1)
     format_penalty: float = -1.0
     clamp_nonnegative: bool = True  # paper: max(0, .); Agent0's code does not clamp
+    prompt_dir: str | None = None  # directory of Jinja templates overriding roles/prompts/ (file by file)
 
 
 class ExecutorConfig(Section):
@@ -84,6 +85,9 @@ class ExecutorConfig(Section):
     max_tokens_per_turn: int = Field(512, ge=16)
     max_tool_output_chars: int = Field(2000, ge=64)
     use_tools: bool = True
+    # A turn ends at a closed ```python block ("\n```\n") or when the model opens ```output itself (Agent0).
+    stop: list[str] = Field(default_factory=lambda: ["```output", "\n```\n"])
+    prompt_dir: str | None = None  # directory of Jinja templates overriding roles/prompts/ (file by file)
 
 
 class VerifierConfig(Section):
@@ -93,6 +97,8 @@ class VerifierConfig(Section):
     wrong_reward: float = -1.0
     format_penalty: float = -1.0
     equivalence_timeout_s: float = Field(2.0, gt=0)
+    # No \boxed{}: fall back to "the answer is X", then the last number; False: unboxed = no answer.
+    answer_fallbacks: bool = True
 
     @model_validator(mode="after")
     def _band(self) -> "VerifierConfig":
@@ -166,6 +172,7 @@ class RayConfig(Section):
 class MetricsConfig(Section):
     exporters: list[Literal["console", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["console"])
     trajectories_per_iteration: int = Field(8, ge=0)  # sampled full trajectories kept in the store
+    verification_samples_per_task: int = Field(2, ge=0)  # of the k answers per proposed task, kept in the store
     wandb_project: str = "selfplay"
     wandb_mode: Literal["offline", "online"] = "offline"  # offline: clusters without internet; `wandb sync` later
     mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
@@ -177,6 +184,8 @@ class EvalConfig(Section):
     samples: int = Field(1, ge=1)
     limit: int | None = Field(None, ge=1)
     tools: bool = True
+    fields: str | None = None  # column mapping for a file: "question=problem,answer=solution" (docs/evaluation.md)
+    temperature: float | None = Field(None, ge=0)  # None: greedy for samples=1, executor.temperature for k>1
 
 
 class LoopConfig(Section):
