@@ -184,7 +184,8 @@ class Executor:
         self.templates = PromptTemplates(self.cfg.prompt_dir)
 
     def build_prompt(self, question: str) -> str:
-        system = self.templates.render("executor_system.txt", max_turns=self.cfg.max_turns).strip()
+        system = self.templates.render(
+            "executor_system.txt", max_turns=self.cfg.max_turns, use_tools=self.cfg.use_tools).strip()
         user = self.templates.render("executor_user.txt", question=question).strip()
         return chat_prompt(self.tokenizer, system, user)
 
@@ -218,7 +219,7 @@ class Executor:
         flat = [r for g in groups for r in g]
         calls = []
         for r in flat:
-            if r.finish is None and r.completion_ids:
+            if r.finish is None and r.completion_ids and self.cfg.use_tools:
                 self._decide(r, stop="prefill", calls=calls)
         self._run_tools(calls)
         while True:
