@@ -199,7 +199,9 @@ class Executor:
                 prefill: str | Sequence[str | None] | None = None, adapter: str | None = None) -> list[list[Rollout]]:
         """`n` (default samples_per_task) rollouts per question, grouped by question. `prefill`: text forced
         at the start of the answer (loss_mask 0); if it ends in a python block, that code runs first."""
-        n = n or self.cfg.samples_per_task
+        n = self.cfg.samples_per_task if n is None else n
+        if n < 1:
+            raise ValueError(f"n (samples per question) must be >= 1, got {n}")
         task_ids = list(task_ids) if task_ids is not None else [uuid.uuid4().hex for _ in questions]
         prefills = [prefill] * len(questions) if prefill is None or isinstance(prefill, str) else list(prefill)
         if not len(task_ids) == len(prefills) == len(questions):

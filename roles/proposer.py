@@ -162,7 +162,11 @@ class Proposer:
         i mod len(topics) and `conditioning_examples` tasks drawn from `pool` (earlier accepted questions)."""
         if self.engine is None:
             raise RuntimeError("Proposer.propose needs an engine (Proposer(engine, cfg))")
-        count = count or self.cfg.candidates_per_iteration
+        count = self.cfg.candidates_per_iteration if count is None else count
+        if count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        if count == 0:
+            return []
         rng = rng or random.Random()
         specs = []
         for i in range(count):

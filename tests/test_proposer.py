@@ -142,6 +142,9 @@ def test_prompt_uses_chat_template_topic_and_examples(engine):
     assert "modular arithmetic" in text and "Find 3^100 mod 7." in text
     assert "Second earlier task." not in text  # only conditioning_examples of them
     assert "<question>" in text
+    assert p.propose(count=0) == []
+    with pytest.raises(ValueError, match="count"):
+        p.propose(count=-1)
 
 
 def test_prompt_dir_overrides_one_file(engine, tmp_path):
