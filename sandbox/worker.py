@@ -1,0 +1,178 @@
+"""One pool worker, seen from the pool: a template process, its control socket and its cgroup slot.
+
+A worker serves one call at a time (the pool hands it to one thread). Anything unexpected from the template
+(death, a hang past the grace period, a malformed frame) kills the whole worker, including every process
+in its cgroup slot, and the call gets `sandbox_error`; the pool then starts a replacement.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+from sandbox import linux, protocol
+from sandbox.cgroups import Slot
+from sandbox.launch import LaunchSpec
+from sandbox.types import ExecResult, ExecStatus, Limits
+
+log = logging.getLogger("sandbox")
+MIB = 1024 * 1024
+CGROUP_HEADROOM_MB = 64  # page tables and kernel memory of the monitor/init/snippet forks
+CGROUP_EXTRA_PIDS = 8  # bwrap, its init, the template, the monitor, the call's init
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class Worker:
+    def __init__(self, index: int, spec: LaunchSpec, slot: Slot | None, scratch_root: str | None,
+                 hang_grace_s: float):
+        self.index, self.spec, self.slot, self.hang_grace_s = index, spec, slot, hang_grace_s
+        self.scratch_root = scratch_root
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.hello: dict = {}
+        self.dead = False
+        self._errfile = None
+        self._baseline_bytes = 0
+        self._cg_limits: tuple[int, int] | None = None
+        self._calls = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def popen(self) -> None:
+        """Start the process. The pool calls this from its one long-lived spawner thread, because bwrap's
+        --die-with-parent follows the thread that forked it."""
+        parent, child = socket.socketpair()
+        self._errfile = tempfile.TemporaryFile()
+        if self.scratch_root is not None:
+            os.makedirs(self.scratch_root, exist_ok=True)
+        cmd = self.spec.command(child.fileno(), self.scratch_root,
+                                self.slot.procs_files if self.slot else [])
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=self._errfile,
+                                         env={"PATH": "/usr/bin:/bin"},
+                                         cwd=self.scratch_root or "/", start_new_session=True)
+        finally:
+            child.close()
+        self.sock = parent
+
+    def await_hello(self, timeout_s: float) -> dict:
+        try:
+            header, _ = protocol.recv(self.sock, deadline=time.monotonic() + timeout_s, max_blob_bytes=0)
+            if header.get("type") != "hello":
+                raise protocol.ProtocolError(f"expected hello, got {header.get('type')!r}")
+        except (EOFError, TimeoutError, protocol.ProtocolError, OSError) as e:
+            detail = self.stderr_tail() or f"{type(e).__name__}: {e}"
+            self.kill()
+            raise WorkerStartError(detail) from None
+        self.hello = header
+        if self.slot is not None:
+            self._baseline_bytes = self.slot.memory_usage()
+        return header
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        if self._errfile is None:
+            return ""
+        try:
+            self._errfile.seek(0)
+            return self._errfile.read()[-limit:].decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def kill(self) -> None:
+        self.dead = True
+        if self.sock is not None:
+            self.sock.close()
+        if self.slot is not None:
+            try:
+                self.slot.kill_all()
+            except OSError:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, 9)  # start_new_session: the sh/bwrap/template group
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("sandbox worker %d (pid %d) did not die", self.index, self.proc.pid)
+        if self._errfile is not None:
+            self._errfile.close()
+            self._errfile = None
+
+    def close(self) -> None:
+        """Polite stop: closing the socket makes the template exit; anything left is killed."""
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def process_tree(self) -> list[int]:
+        """Host pids of this worker's processes (launcher/bwrap, its init, the template, live calls)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        tree, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            try:
+                todo.extend(linux.children_of(pid))
+            except OSError:
+                pass
+        return tree
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def _set_cgroup_limits(self, limits: Limits) -> None:
+        want = (self._baseline_bytes + (limits.memory_mb + CGROUP_HEADROOM_MB) * MIB,
+                limits.max_processes + CGROUP_EXTRA_PIDS)
+        if want != self._cg_limits:
+            self.slot.set_limits(*want)
+            self._cg_limits = want
+
+    def call(self, header: dict, blobs: list[bytes], limits: Limits) -> ExecResult:
+        self._calls += 1
+        started = time.monotonic()
+        oom_before = 0
+        try:
+            if self.slot is not None:
+                self._set_cgroup_limits(limits)
+                oom_before = self.slot.oom_kills()
+            deadline = started + limits.timeout_s + self.hang_grace_s + len(blobs[0]) / 20e6
+            protocol.send(self.sock, dict(header, id=self._calls, backstop_s=self.hang_grace_s / 2), blobs,
+                          deadline=deadline)
+            head, payload = protocol.recv(self.sock, deadline=deadline, max_blob_bytes=limits.max_output_bytes)
+            if head.get("id") != self._calls or len(payload) != 2:
+                raise protocol.ProtocolError("reply does not match the call")
+            status = ExecStatus(head["status"])
+            exit_code = head.get("exit_code")
+            if exit_code is not None and not isinstance(exit_code, int):
+                raise protocol.ProtocolError(f"bad exit code {exit_code!r}")
+        except (EOFError, TimeoutError, protocol.ProtocolError, OSError, ValueError, KeyError) as e:
+            why = "hung past its grace period" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            tail = self.stderr_tail()
+            self.kill()
+            log.warning("sandbox worker %d failed (%s); replacing it", self.index, why)
+            return ExecResult("", f"[sandbox] worker failed: {why}" + (f"\n{tail}" if tail else ""), None,
+                              ExecStatus.SANDBOX_ERROR, time.monotonic() - started, False)
+        except BaseException:  # interrupted mid-frame: the stream is out of sync, the worker unusable
+            self.kill()
+            raise
+        if self.slot is not None and status in (ExecStatus.OK, ExecStatus.ERROR, ExecStatus.KILLED):
+            if self.slot.oom_kills() > oom_before:
+                status = ExecStatus.MEMORY_LIMIT  # the cgroup's OOM killer ended a process of this call
+        stderr = payload[1].decode("utf-8", "replace")
+        if status is ExecStatus.SANDBOX_ERROR and head.get("detail"):
+            stderr = f"[sandbox] {head['detail']}\n{stderr}"
+        return ExecResult(payload[0].decode("utf-8", "replace"), stderr, exit_code, status,
+                          time.monotonic() - started, bool(head.get("truncated")))

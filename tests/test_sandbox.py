@@ -1,0 +1,465 @@
+"""The sandbox with the strongest isolation this host gives, on real processes: ordinary behaviour, a battery
+of hostile snippets (each must be contained AND end with a clear status), worker replacement, and a final
+check that the battery left no process or scratch file behind."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import sandbox
+from sandbox import ExecStatus, IsolationError, Limits, SandboxPool
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = f"sbx-secret-{secrets.token_hex(8)}"
+os.environ["SELFPLAY_SANDBOX_TEST_SECRET"] = SECRET  # a parent secret the snippets must never see
+LIMITS = Limits(timeout_s=3.0, cpu_time_s=3.0, memory_mb=512, max_processes=32)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(LIMITS, workers=2, hang_grace_s=4.0) as p:
+        p.baseline_tree_sizes = sorted(len(t) for t in p.worker_processes().values())
+        yield p
+
+
+def _host_processes_named(comm: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == comm:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _descendants(pid: int) -> set[int]:
+    from sandbox.linux import children_of
+
+    out, todo = set(), children_of(pid)
+    while todo:
+        child = todo.pop()
+        if child not in out:
+            out.add(child)
+            todo.extend(children_of(child))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ordinary behaviour
+# ---------------------------------------------------------------------------------------------------------
+def test_reports_its_isolation(pool):
+    report = pool.report
+    assert report.level in sandbox.ISOLATION_LEVELS
+    assert report.mechanisms["rlimits"].active and report.mechanisms["scrubbed_env"].active
+    assert set(report.preimported) >= {"math", "numpy", "sympy"}
+    if report.level == "full":
+        assert all(report.mechanisms[m].active for m in ("bwrap", "namespaces", "seccomp"))
+
+
+def test_stdout_stderr_and_exit_codes(pool):
+    r = pool.run("import sys\nprint('out', 6 * 7)\nprint('err', file=sys.stderr)")
+    assert (r.status, r.exit_code, r.stdout, r.stderr, r.truncated) == (ExecStatus.OK, 0, "out 42\n", "err\n", False)
+    r = pool.run("import sys; sys.exit(3)")
+    assert (r.status, r.exit_code) == (ExecStatus.ERROR, 3)
+    r = pool.run("x = 1\n1 / 0")
+    assert r.status is ExecStatus.ERROR and r.exit_code == 1
+    assert 'File "<snippet>", line 2' in r.stderr and "ZeroDivisionError" in r.stderr
+    r = pool.run("def broken(:\n  pass")
+    assert r.status is ExecStatus.ERROR and "SyntaxError" in r.stderr
+    assert pool.run("raise SystemExit('bye')").stderr == "bye\n"
+
+
+def test_stdin_and_files(pool):
+    r = pool.run("import sys; print(sys.stdin.read().upper())", stdin="hello\nworld")
+    assert r.stdout == "HELLO\nWORLD\n"
+    r = pool.run("import sys; print(len(sys.stdin.buffer.read()))")  # no stdin: empty, never blocks
+    assert r.stdout == "0\n"
+    files = {"data.txt": "1 2 3", "raw.bin": bytes(range(256)), "sub/dir/x.csv": "a,b\n"}
+    code = ("import os\nprint(sum(map(int, open('data.txt').read().split())))\n"
+            "print(len(open('raw.bin', 'rb').read()), open('sub/dir/x.csv').read().strip())\n"
+            "open('out.txt', 'w').write('scratch is writable')\nprint(open('out.txt').read())")
+    r = pool.run(code, files=files)
+    assert r.status is ExecStatus.OK, r.stderr
+    assert r.stdout == "6\n256 a,b\nscratch is writable\n"
+
+
+def test_preimported_libraries_and_fresh_rngs(pool):
+    r = pool.run("import numpy as np, sympy\nprint(sympy.factorint(2**32 + 1), int(np.arange(10).sum()))")
+    assert r.stdout == "{641: 1, 6700417: 1} 45\n"
+    draws = "import random, numpy\nprint(random.random(), numpy.random.rand(), numpy.random.default_rng().random())"
+    outs = [r.stdout for r in pool.run_many([draws] * 4)]
+    assert all(o.strip() for o in outs)
+    for column in range(3):  # every generator differs between calls (forked children must be reseeded)
+        assert len({o.split()[column] for o in outs}) == 4
+
+
+def test_scratch_is_private_and_removed(pool):
+    first = pool.run("import os\nopen('marker', 'w').write('x')\nprint(os.getcwd())")
+    assert first.status is ExecStatus.OK
+    cwd = first.stdout.strip()
+    for _ in range(3):  # whichever worker runs it, the previous call's scratch is gone
+        r = pool.run(f"import os; print(os.path.exists({cwd!r} + '/marker'), sorted(os.listdir('.')))")
+        assert r.stdout == "False []\n"
+
+
+def test_timeouts_and_per_call_limits(pool):
+    r = pool.run("import time; time.sleep(30)", timeout_s=0.5)
+    assert (r.status, r.exit_code) == (ExecStatus.TIMEOUT, None)
+    assert 0.4 < r.duration_s < 10
+    r = pool.run("print('x' * 5000)", limits=Limits(max_output_bytes=1000))
+    assert r.status is ExecStatus.OUTPUT_LIMIT and r.truncated and r.stdout == "x" * 1000
+
+
+def test_threads_asyncio_and_batches(pool):
+    results: dict[int, str] = {}
+
+    def worker(i: int) -> None:
+        for j in range(3):
+            results[i * 10 + j] = pool.run(f"print({i} * 10 + {j})").stdout
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {k: f"{k}\n" for k in results} and len(results) == 18
+    batch = pool.run_many([f"print({i} ** 2)" for i in range(7)])
+    assert [r.stdout for r in batch] == [f"{i ** 2}\n" for i in range(7)]
+
+    async def main():
+        one = await pool.arun("print('async')")
+        many = await pool.arun_many([f"print({i})" for i in range(5)], timeout_s=5)
+        return one, many
+
+    one, many = asyncio.run(main())
+    assert one.stdout == "async\n" and [r.stdout for r in many] == [f"{i}\n" for i in range(5)]
+
+
+def test_bad_input_gets_a_clear_error(pool):
+    with pytest.raises(TypeError, match="code must be a str"):
+        pool.run(b"print(1)")
+    with pytest.raises(ValueError, match="relative path"):
+        pool.run("pass", files={"../escape.txt": "x"})
+    with pytest.raises(ValueError, match="relative path"):
+        pool.run("pass", files={"/etc/passwd": "x"})
+    with pytest.raises(TypeError, match="sequence of code strings"):
+        pool.run_many("print(1)")
+    with pytest.raises(ValueError, match="memory_mb"):
+        Limits(memory_mb=0)
+    with pytest.raises(ValueError, match="isolation level"):
+        SandboxPool(workers=1, min_isolation="bulletproof")
+    with pytest.raises(ValueError, match="unknown mechanisms"):
+        SandboxPool(workers=1, disable=("firewall",))
+
+
+def test_limits_field_names_match_the_config_section():
+    from selfplay.config import SandboxConfig
+
+    cfg = SandboxConfig()
+    assert Limits(**cfg.model_dump(exclude={"workers", "min_isolation"})) == Limits()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile snippets: contained, and a clear status
+# ---------------------------------------------------------------------------------------------------------
+def test_runaway_code_is_killed_at_the_wall_clock(pool):
+    codes = {
+        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "infinite loop": "while True:\n    pass",
+        "C-level loop": "x = pow(3, 10 ** 10)",
+        "holds stdin": "import sys, time\nsys.stdin.read(1)\ntime.sleep(1000)",
+        "reads stdin forever": "import sys\nwhile True:\n    sys.stdin.read()",
+    }
+    results = pool.run_many(list(codes.values()), stdin="x" * 1_000_000)
+    for name, r in zip(codes, results):
+        assert r.status is ExecStatus.TIMEOUT, (name, r)
+        assert r.exit_code is None and r.duration_s < LIMITS.timeout_s + 4, (name, r.duration_s)
+
+
+def test_cpu_time_limit_is_a_timeout(pool):
+    r = pool.run("while True:\n    pass", limits=Limits(timeout_s=10, cpu_time_s=1))
+    assert r.status is ExecStatus.TIMEOUT and r.duration_s < 9
+
+
+def test_memory_bombs(pool):
+    r = pool.run("x = ' ' * 10 ** 10")
+    assert r.status is ExecStatus.MEMORY_LIMIT and "MemoryError" in r.stderr
+    r = pool.run("import numpy as np\nx = np.ones(10 ** 10)")
+    assert r.status is ExecStatus.MEMORY_LIMIT
+
+
+def test_many_children_are_bounded_by_the_memory_cgroup(pool):
+    if not pool.report.mechanisms["cgroup"].active:
+        pytest.skip(f"no memory cgroup here: {pool.report.mechanisms['cgroup'].detail}")
+    bomb = ("import os, time\nkids = []\nfor i in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        b = bytearray(200 * 2 ** 20)\n        for j in range(0, len(b), 4096):\n            b[j] = 1\n"
+            "        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+            "print([os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids])")
+    r = pool.run(bomb, timeout_s=20)  # 8 x 200 MB > the slot's budget (baseline + 512 MB)
+    assert r.status is ExecStatus.MEMORY_LIMIT, r
+    assert "-9" in r.stdout  # the OOM killer took children, not the template: the call still reported
+
+
+def test_huge_and_binary_output(pool):
+    r = pool.run("while True:\n    print('y' * 1000)")
+    assert r.status is ExecStatus.OUTPUT_LIMIT and r.truncated and r.exit_code is None
+    assert len(r.stdout) == LIMITS.max_output_bytes
+    r = pool.run("import os, sys\nos.write(1, bytes(range(256)) * 4)\nos.write(2, b'\\xff\\xfe')")
+    assert r.status is ExecStatus.OK and isinstance(r.stdout, str) and "\ufffd" in r.stdout and len(r.stdout) > 500
+
+
+def test_host_secrets_are_unreadable(pool, tmp_path):
+    home_secret = Path.home() / f".sbx-home-secret-{secrets.token_hex(4)}"
+    home_secret.write_text(SECRET)
+    try:
+        targets = ["/etc/shadow", str(REPO / "pyproject.toml"), str(REPO / "selfplay" / "config.py"),
+                   str(home_secret), f"/proc/{os.getpid()}/environ"]
+        code = (
+            "import os, glob\n"
+            f"for path in {targets!r} + glob.glob('/proc/*/environ'):\n"
+            "    try:\n        print(path, open(path, 'rb').read()[:2000])\n"
+            "    except OSError as e:\n        print(path, 'denied', type(e).__name__)\n"
+            f"print(dict(os.environ))\nhome = {str(Path.home())!r}\nprint('home:', os.listdir(home) if os.path.isdir(home) else '-')\n"
+        )
+        r = pool.run(code)
+    finally:
+        home_secret.unlink()
+    assert r.status is ExecStatus.OK, r.stderr
+    leaked = r.stdout + r.stderr
+    assert SECRET not in leaked
+    assert "SELFPLAY_SANDBOX_TEST_SECRET" not in leaked
+    assert "[project]" not in leaked and "class SandboxConfig" not in leaked  # repository contents
+    home_line = next(line for line in r.stdout.splitlines() if line.startswith("home:"))
+    assert home_secret.name not in home_line  # not even the file name
+    for target in targets:
+        assert f"{target} denied" in r.stdout, target
+
+
+def test_writes_outside_scratch_do_not_land(pool, tmp_path):
+    targets = [str(REPO / f"sbx-pwned-{secrets.token_hex(3)}"), str(Path.home() / f"sbx-pwned-{secrets.token_hex(3)}"),
+               str(tmp_path / "pwned"), "/usr/sbx-pwned", "/etc/sbx-pwned", f"/dev/shm/sbx-pwned-{secrets.token_hex(3)}",
+               "/tmp/../sbx-pwned"]
+    code = (f"for path in {targets!r}:\n    try:\n        open(path, 'w').write('pwned')\n        print('wrote', path)\n"
+            "    except OSError as e:\n        print('denied', path)\n")
+    r = pool.run(code)
+    assert r.status is ExecStatus.OK, r.stderr
+    for target in targets:
+        assert not os.path.exists(target), target
+    assert not os.path.exists("/sbx-pwned")
+
+
+def test_no_network_even_to_localhost(pool):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.5)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)
+    port, uport = server.getsockname()[1], udp.getsockname()[1]
+    code = (
+        "import socket\n"
+        f"for fam, addr in ((socket.AF_INET, ('127.0.0.1', {port})), (socket.AF_INET6, ('::1', {port}))):\n"
+        "    try:\n        socket.create_connection(addr, timeout=1)\n        print('CONNECTED', addr)\n"
+        "    except OSError as e:\n        print('blocked', fam, e.errno)\n"
+        f"try:\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'ping', ('127.0.0.1', {uport}))\n"
+        "    print('SENT')\nexcept OSError as e:\n    print('blocked udp', e.errno)\n"
+    )
+    try:
+        r = pool.run(code)
+        with pytest.raises(socket.timeout):
+            server.accept()  # no connection arrived
+        with pytest.raises(socket.timeout):
+            udp.recvfrom(16)
+    finally:
+        server.close()
+        udp.close()
+    assert r.status is ExecStatus.OK, r.stderr
+    assert "CONNECTED" not in r.stdout and "SENT" not in r.stdout and r.stdout.count("blocked") == 3
+
+
+def test_cannot_signal_or_ptrace_the_parent(pool):
+    before = pool.worker_processes()
+    me = os.getpid()
+    code = (
+        "import os, signal, ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        f"for pid in ({me}, os.getppid(), 1, -1, {min(p for t in before.values() for p in t)}):\n"
+        "    for sig in (signal.SIGKILL, signal.SIGTERM):\n"
+        "        try:\n            os.kill(pid, sig)\n            print('signalled', pid)\n"
+        "        except OSError as e:\n            print('denied', pid, e.errno)\n"
+        f"for pid in ({me}, os.getppid(), 1):\n"
+        "    print('ptrace', pid, libc.ptrace(16, pid, 0, 0), ctypes.get_errno())\n"  # PTRACE_ATTACH
+        "print('still here')\n"
+    )
+    r = pool.run(code)
+    assert r.status is ExecStatus.OK and "still here" in r.stdout, r
+    assert "signalled" not in r.stdout.replace("signalled -1", "")  # kill(-1) may only reach its own children
+    assert r.stdout.count("ptrace") == 3 and all(line.split()[2] == "-1" for line in r.stdout.splitlines()
+                                                  if line.startswith("ptrace"))
+    assert pool.worker_processes() == before  # every worker process survived
+    assert pool.run("print('alive')").stdout == "alive\n"
+
+
+def test_daemons_do_not_outlive_the_call(pool):
+    name = f"sbxd{secrets.token_hex(4)}"
+    code = ("import os, time, ctypes\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)\n        time.sleep(600)\n"
+            "    os._exit(0)\nos.wait()\nprint('parent returns')")
+    r = pool.run(code)
+    assert r.status is ExecStatus.OK and r.stdout == "parent returns\n"
+    deadline = time.monotonic() + 5
+    while _host_processes_named(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _host_processes_named(name) == []
+
+
+def test_crashes_and_odd_exits(pool):
+    segv = ("import sys, resource\nsys.setrecursionlimit(10 ** 7)\n"
+            "resource.setrlimit(resource.RLIMIT_STACK, (2 ** 21, resource.RLIM_INFINITY))\n"
+            "x = []\nfor _ in range(10 ** 6):\n    x = [x]\nprint(str(x)[:5])")
+    r = pool.run(segv, timeout_s=20)
+    assert (r.status, r.exit_code) == (ExecStatus.KILLED, -signal.SIGSEGV), r
+    r = pool.run("import os\nprint('bye', flush=True)\nos._exit(7)")
+    assert (r.status, r.exit_code, r.stdout) == (ExecStatus.ERROR, 7, "bye\n")
+    r = pool.run("import os\nos.close(1)\nos.close(2)\nprint('lost')")
+    assert r.status is ExecStatus.ERROR and r.exit_code == 120  # CPython's code for a failed stdout flush
+    r = pool.run("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nprint('survived')")
+    assert (r.status, r.exit_code, r.stdout) == (ExecStatus.KILLED, -signal.SIGTERM, "")
+
+
+def test_ten_megabyte_source(pool):
+    code = "s = '" + "a" * 10_000_000 + "'\n# " + "b" * 100 + "\nprint(len(s))"
+    r = pool.run(code, timeout_s=30)
+    assert (r.status, r.stdout) == (ExecStatus.OK, "10000000\n")
+
+
+def test_monkeypatching_does_not_carry_over(pool):
+    pool.run_many(["import builtins, math\nbuiltins.print = None\nmath.pi = 3\nimport sys\nsys.modules['json'] = 1"] * 2)
+    r = pool.run("import math, json\nprint(math.pi, json.dumps([1]))")
+    assert r.stdout == f"{3.141592653589793} [1]\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker failures: replaced without failing other calls
+# ---------------------------------------------------------------------------------------------------------
+def _templates(pool) -> dict[int, int]:
+    """worker index -> host pid of its template (the zygote) process."""
+    out = {}
+    for index, tree in pool.worker_processes().items():
+        for pid in tree:
+            try:
+                if b"sandbox.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out[index] = pid
+            except OSError:
+                pass
+    return out
+
+
+def _wait_for_workers(pool, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_templates(pool)) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_templates(pool)) == n
+
+
+def test_crashed_worker_is_replaced_and_others_keep_serving(pool):
+    templates = _templates(pool)
+    assert len(templates) == 2
+    slow = [None]
+    t = threading.Thread(target=lambda: slow.__setitem__(0, pool.run("import time; time.sleep(2); print('done')")))
+    t.start()
+    time.sleep(0.5)
+    busy = [i for i, pid in _templates(pool).items() if len(pool.worker_processes()[i]) > 3]
+    victim = busy[0] if busy else next(iter(templates))
+    os.kill(templates[victim], signal.SIGKILL)
+    t.join()
+    quick = pool.run_many(["print('ok')"] * 4)
+    assert [r.stdout for r in quick] == ["ok\n"] * 4  # the surviving worker served them
+    if busy:
+        assert slow[0].status is ExecStatus.SANDBOX_ERROR  # the call on the killed worker, and only it
+    _wait_for_workers(pool, 2)
+    assert _templates(pool)[victim] != templates[victim]
+    assert [r.stdout for r in pool.run_many(["print(1)"] * 4)] == ["1\n"] * 4
+
+
+def test_hung_worker_is_replaced(pool):
+    _wait_for_workers(pool, 2)
+    templates = _templates(pool)
+    victim = next(iter(templates))
+    os.kill(templates[victim], signal.SIGSTOP)  # alive but silent: only the grace period can tell
+    results = pool.run_many(["print('a')", "print('b')", "print('c')"], timeout_s=1)
+    failed = [r for r in results if r.status is ExecStatus.SANDBOX_ERROR]
+    assert len(failed) <= 1 and all("grace" in r.stderr for r in failed)
+    assert sum(r.status is ExecStatus.OK for r in results) >= 2
+    _wait_for_workers(pool, 2)
+    assert templates[victim] not in _templates(pool).values()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# after everything above: nothing left behind, the pool still serves
+# ---------------------------------------------------------------------------------------------------------
+def test_nothing_left_behind_after_the_battery(pool):
+    _wait_for_workers(pool, 2)
+    assert [r.stdout for r in pool.run_many(["print(sum(range(10)))"] * 4)] == ["45\n"] * 4
+    trees = pool.worker_processes()
+    assert sorted(len(t) for t in trees.values()) == pool.baseline_tree_sizes
+    ours = {pid for tree in trees.values() for pid in tree}
+    assert _descendants(os.getpid()) == ours  # no snippet, daemon or monitor survived anywhere below us
+    assert os.listdir(pool.scratch_root) in ([], ["slot-0", "slot-1"])
+    for slot in os.listdir(pool.scratch_root):
+        assert os.listdir(os.path.join(pool.scratch_root, slot)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pool-level API: module functions, min_isolation, doctor
+# ---------------------------------------------------------------------------------------------------------
+def test_module_level_api_uses_one_default_pool():
+    try:
+        assert sandbox.run("print('default')").stdout == "default\n"
+        assert [r.stdout for r in sandbox.run_many(["print(1)", "print(2)"])] == ["1\n", "2\n"]
+        assert asyncio.run(sandbox.arun("print(3)")).stdout == "3\n"
+        assert [r.stdout for r in asyncio.run(sandbox.arun_many(["print(4)"]))] == ["4\n"]
+        assert sandbox.default_pool() is sandbox.default_pool()
+    finally:
+        sandbox.default_pool().close()
+    with pytest.raises(sandbox.SandboxClosedError):
+        pool = sandbox.pool._default
+        pool.run("print(1)")
+
+
+def test_min_isolation_refuses_to_run_below_it():
+    with pytest.raises(IsolationError, match="seccomp"):
+        SandboxPool(workers=1, min_isolation="full", disable=("seccomp",))
+    with pytest.raises(IsolationError, match="bwrap"):
+        SandboxPool(workers=1, min_isolation="namespaces", disable=("bwrap",))
+
+
+def test_doctor_reports_every_mechanism():
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "sandbox", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["level"] in sandbox.ISOLATION_LEVELS
+    assert set(report["mechanisms"]) == set(sandbox.pool.MECHANISMS)
+    assert all(c["contained"] for c in report["checks"].values()), report["checks"]
+    human = subprocess.run([sys.executable, "-m", "sandbox", "doctor"], capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+    assert f"isolation level: {report['level']}" in human.stdout
+    for name, mech in report["mechanisms"].items():
+        assert f"[{'on ' if mech['active'] else 'off'}] {name}" in human.stdout
