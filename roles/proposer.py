@@ -147,10 +147,23 @@ class Proposer:
         self.templates = PromptTemplates(self.cfg.prompt_dir)
 
     def build_prompt(self, topic: str | None = None, examples: Sequence[str] = ()) -> str:
+        """The chat prompt, ending with `response_prefix` (default "<question>"): the reply starts inside
+        the question tag, which small models otherwise rarely write."""
         examples = list(examples)[: self.cfg.conditioning_examples]
         system = self.templates.render("proposer_system.txt").strip()
         user = self.templates.render("proposer_user.txt", topic=topic, examples=examples).strip()
-        return chat_prompt(self.tokenizer, system, user)
+        return chat_prompt(self.tokenizer, system, user) + self.cfg.response_prefix
+
+    def reply_text(self, completion: str, finish_reason: str) -> str:
+        """The full reply as the parser sees it: the forced prefix plus the completion. A reply that opened
+        the question through the prefix and ended on its own (EOS) without closing it is closed where the
+        answer starts, or at its end; a reply cut by max_tokens stays unclosed (rejected as truncated)."""
+        text = self.cfg.response_prefix + completion
+        prefix_opens = "<question>" in self.cfg.response_prefix.lower()
+        if prefix_opens and finish_reason == "stop" and "</question>" not in text.lower():
+            cut = text.lower().find("<answer>")
+            text = text + "</question>" if cut < 0 else text[:cut] + "</question>" + text[cut:]
+        return text
 
     def sampling_params(self, n: int | None = None) -> SamplingParams:
         return SamplingParams(n=n or self.cfg.group_size, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
@@ -179,7 +192,7 @@ class Proposer:
             group_id = uuid.uuid4().hex
             for c in out.outputs:
                 logprobs = list(c.logprobs) if c.logprobs is not None else [0.0] * len(c.token_ids)
-                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                text = self.reply_text(self.tokenizer.decode(c.token_ids, skip_special_tokens=True), c.finish_reason)
                 proposals.append(Proposal(
                     task_id=uuid.uuid4().hex, group_id=group_id, topic=topic, examples=examples,
                     prompt_ids=prompt_ids, completion_ids=list(c.token_ids), logprobs=logprobs, text=text,

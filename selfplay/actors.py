@@ -9,7 +9,9 @@ rollout worker reloads the last published adapters.
 """
 from __future__ import annotations
 
+import functools
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,29 @@ from selfplay.rundir import RunDir
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
 
 
+def busy(method):
+    """Accumulate the seconds an actor spends inside `method`; `busy_seconds()` reads and resets them. The
+    driver subtracts them from an iteration's wall time to measure orchestration overhead."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.__dict__.setdefault("_busy", {})
+            self._busy[method.__name__] = self._busy.get(method.__name__, 0.0) + time.perf_counter() - t0
+
+    return wrapper
+
+
+class _Busy:
+    def busy_seconds(self) -> float:
+        total = sum(self.__dict__.get("_busy", {}).values())
+        self._busy = {}
+        return total
+
+
 def _started(rd: RunDir, name: str) -> None:
     rd.event("actor_start", actor=name, pid=os.getpid(), node=ray.util.get_node_ip_address())
 
@@ -29,7 +54,7 @@ def _threads(cfg: RunConfig) -> int:
     return cfg.ray.num_cpus or os.cpu_count() or 1
 
 
-class SandboxActor:
+class SandboxActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
         from sandbox import Limits, SandboxPool
 
@@ -37,6 +62,7 @@ class SandboxActor:
         self.pool = SandboxPool(limits=limits, workers=cfg.sandbox.workers, min_isolation=cfg.sandbox.min_isolation)
         _started(rd, "sandbox")
 
+    @busy
     def run_many(self, codes: list[str], **kwargs: Any) -> list:
         return self.pool.run_many(codes, **kwargs)
 
@@ -44,16 +70,18 @@ class SandboxActor:
         return os.getpid()
 
 
-class VerifierActor:
+class VerifierActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
         from roles.verifier import Verifier
 
         self.verifier = Verifier(cfg.verifier)
         _started(rd, "verifier")
 
+    @busy
     def vote_many(self, groups: list[list[str | None]]) -> list:
         return [self.verifier.vote(texts) for texts in groups]
 
+    @busy
     def match_many(self, texts: list[str | None], references: list[str]) -> list[bool | None]:
         """Per completion: True/False against its reference, None when it has no final answer."""
         return [None if self.verifier.extract(t) is None else self.verifier.matches(t, ref)
@@ -63,7 +91,7 @@ class VerifierActor:
         return os.getpid()
 
 
-class LearnerActor:
+class LearnerActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
         import torch
 
@@ -76,9 +104,11 @@ class LearnerActor:
             self.learner.load_checkpoint(ckpt)
         _started(rd, "learner")
 
+    @busy
     def train_step(self, role: str, trajectories: list, weights: list[float] | None = None) -> dict[str, float]:
         return self.learner.train_step(role, trajectories, weights)
 
+    @busy
     def export(self, role: str, out_dir: str):
         return self.learner.export(role, out_dir)
 
@@ -92,7 +122,7 @@ class LearnerActor:
         return os.getpid()
 
 
-class RolloutActor:
+class RolloutActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any):
         from selfplay.rollout_worker import RolloutWorker
 
@@ -102,12 +132,15 @@ class RolloutActor:
         self.worker = RolloutWorker(cfg, run_many, adapters_dir=str(rd.adapters), threads=_threads(cfg))
         _started(rd, "rollout")
 
+    @busy
     def propose(self, count: int, pool_questions: list[str], seed: int) -> list:
         return self.worker.propose(count, pool_questions, seed)
 
+    @busy
     def solve(self, questions: list[str], task_ids: list[str], n: int) -> list:
         return self.worker.solve(questions, task_ids, n)
 
+    @busy
     def update_weights(self, update: Any) -> dict[str, int]:
         return self.worker.update_weights(update)
 

@@ -37,8 +37,10 @@ class EngineConfig(Section):
     kv_cache_space_gib: float | None = Field(None, gt=0)  # vLLM CPU: VLLM_CPU_KVCACHE_SPACE
     enforce_eager: bool = True
     max_lora_rank: int = Field(16, ge=1)
-    max_batch_size: int = Field(64, ge=1)  # hf: prompts per forward batch
+    max_batch_size: int = Field(64, ge=1)  # sequences decoded together (hf: rows per batch; vLLM: max_num_seqs)
     enable_prefix_caching: bool = True
+    enable_lora: bool = True  # vLLM: reserve LoRA slots at start (needed for AdapterUpdate); off for full FT
+    max_loras: int = Field(2, ge=1)  # vLLM: adapters usable in one batch (one per role)
 
 
 class SandboxConfig(Section):
@@ -73,6 +75,7 @@ class ProposerConfig(Section):
     format_penalty: float = -1.0
     clamp_nonnegative: bool = True  # paper: max(0, .); Agent0's code does not clamp
     prompt_dir: str | None = None  # directory of Jinja templates overriding roles/prompts/ (file by file)
+    response_prefix: str = "<question>"  # forced start of the reply ("" to let the model open the tag itself)
 
 
 class ExecutorConfig(Section):
@@ -147,6 +150,7 @@ class LearnerConfig(Section):
     kl_ratio_correction: bool = False
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
+    keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
 
 
 class ReplayConfig(Section):

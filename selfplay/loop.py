@@ -234,6 +234,17 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
     s["time/tools"] = sum(c.duration_s for g in rollouts.values() for r in g for c in r.tool_calls) + sum(
         c.duration_s for r in practice_rollouts for c in r.tool_calls)
     s["time/overhead"] = max(0.0, s["time/total"] - sum(s.get(f"time/{k}", 0.0) for k in stages))
+    # Orchestration = wall time no actor spent working (Ray calls, serialisation, driver bookkeeping).
+    # The sandbox works inside rollout calls, so it is not added again. Overlapped steps make the sum an
+    # over-count, so the figure is only reported for sequential iterations.
+    a = ctx.actors
+    busy = dict(zip(("rollout", "verifier", "learner"),
+                    ray.get([x.busy_seconds.remote() for x in (a.rollout, a.verifier, a.learner)])))
+    for name, sec in busy.items():
+        s[f"time/actor/{name}"] = sec
+    if not cfg.loop.overlap:
+        s["time/orchestration"] = max(0.0, s["time/total"] - sum(busy.values()))
+        s["time/orchestration_share"] = s["time/orchestration"] / s["time/total"]
     return out
 
 

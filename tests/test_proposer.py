@@ -138,13 +138,33 @@ def engine():
 def test_prompt_uses_chat_template_topic_and_examples(engine):
     p = Proposer(engine, ProposerConfig(conditioning_examples=1))
     text = p.build_prompt("modular arithmetic", ["Find 3^100 mod 7.", "Second earlier task."])
-    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n<question>")
+    assert p_noprefix(engine).build_prompt("x").endswith("<|im_start|>assistant\n")
     assert "modular arithmetic" in text and "Find 3^100 mod 7." in text
     assert "Second earlier task." not in text  # only conditioning_examples of them
     assert "<question>" in text
     assert p.propose(count=0) == []
     with pytest.raises(ValueError, match="count"):
         p.propose(count=-1)
+
+
+def p_noprefix(engine):
+    return Proposer(engine, ProposerConfig(response_prefix=""))
+
+
+@pytest.mark.parametrize("completion, finish, question, reason", [
+    ("What is 2+3?</question>\n<answer>5</answer>", "stop", "What is 2+3?", None),
+    ("What is 2+3?", "stop", "What is 2+3?", None),                       # closed at EOS
+    ("What is 2+3?\n<answer>5</answer>", "stop", "What is 2+3?", None),   # closed where the answer starts
+    ("What is 2+3? And then", "length", None, "truncated"),               # cut by max_tokens: not closed
+    ("", "stop", None, "empty_question"),
+])
+def test_reply_text_with_forced_prefix(engine, completion, finish, question, reason):
+    p = Proposer(engine, ProposerConfig())
+    task = parse_task(p.reply_text(completion, finish), finish)
+    assert task.reason == reason and (question is None or task.question == question)
+    # without the prefix the model must open the tag itself
+    assert parse_task(p_noprefix(engine).reply_text("What is 2+3?", "stop"), "stop").reason == "no_question"
 
 
 def test_prompt_dir_overrides_one_file(engine, tmp_path):
