@@ -6,13 +6,24 @@
         results = pool.run_many(["import sympy; print(sympy.factorint(2**64 - 1))", "while True: pass"])
 
 `python -m sandbox doctor` prints which isolation mechanisms work on this host. Design: docs/sandbox.md.
-Standalone: imports nothing from selfplay.
+Standalone: imports nothing from selfplay. Names are loaded lazily, so the template process (which imports
+`sandbox.zygote`) does not pay for the pool's asyncio/threading machinery in memory and fork time.
 """
-from sandbox.pool import SandboxPool, arun, arun_many, default_pool, run, run_many
-from sandbox.types import (ISOLATION_LEVELS, ExecResult, ExecStatus, IsolationError, IsolationReport, Limits,
-                           Mechanism, SandboxClosedError)
+from __future__ import annotations
 
-__all__ = [
-    "ISOLATION_LEVELS", "ExecResult", "ExecStatus", "IsolationError", "IsolationReport", "Limits", "Mechanism",
-    "SandboxClosedError", "SandboxPool", "arun", "arun_many", "default_pool", "run", "run_many",
-]
+import importlib
+
+_EXPORTS = {
+    "SandboxPool": "sandbox.pool", "run": "sandbox.pool", "run_many": "sandbox.pool", "arun": "sandbox.pool",
+    "arun_many": "sandbox.pool", "default_pool": "sandbox.pool",
+    "ISOLATION_LEVELS": "sandbox.types", "ExecResult": "sandbox.types", "ExecStatus": "sandbox.types",
+    "IsolationError": "sandbox.types", "IsolationReport": "sandbox.types", "Limits": "sandbox.types",
+    "Mechanism": "sandbox.types", "SandboxClosedError": "sandbox.types",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sandbox' has no attribute {name!r}")

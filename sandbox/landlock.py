@@ -4,12 +4,15 @@ outside its own domain (ABI >= 6 for signals; ptrace from ABI 1).
 
 It is the filesystem fence where namespaces are blocked (typical GPU nodes: Docker's seccomp profile or
 AppArmor forbid user namespaces) and defence in depth where they are not. The ruleset is built once in the
-template process; each snippet only calls landlock_restrict_self on the inherited fd.
+template process; each snippet only calls landlock_restrict_self on the inherited fd. (Rules attach to
+inodes, and a rule on a mount point does not cover a filesystem mounted over it later: so nothing is
+mounted per call over a path that has a rule.)
 Constants are from <linux/landlock.h>; the syscall numbers are the same on every architecture.
 """
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import struct
 
@@ -53,9 +56,9 @@ def _fs_rights(abi: int) -> int:
     return rights  # IOCTL_DEV (ABI 5) stays unhandled: isatty() on /dev/null must keep working
 
 
-def build_ruleset(read_paths: list[str], write_paths: list[str], list_paths: list[str] = ()) -> tuple[int, int]:
-    """Create a ruleset fd: read+execute beneath `read_paths`, everything beneath `write_paths`, directory
-    listing only beneath `list_paths` (files or dirs; missing ones are skipped). Returns (fd, abi)."""
+def build_ruleset(read_paths: list[str], write_paths: list[str]) -> tuple[int, int]:
+    """Create a ruleset fd: read+execute beneath `read_paths`, everything beneath `write_paths` (files or
+    dirs; missing ones are skipped). Returns (fd, abi)."""
     abi = abi_version()
     if abi < 1:
         raise LandlockUnavailable("kernel has no Landlock (needs Linux >= 5.13 with lsm=landlock)")
@@ -71,7 +74,7 @@ def build_ruleset(read_paths: list[str], write_paths: list[str], list_paths: lis
     if fd < 0:
         raise LandlockUnavailable(f"landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
     try:
-        for rights, paths in ((READ, read_paths), (handled_fs, write_paths), (FS_READ_DIR, list_paths)):
+        for rights, paths in ((READ, read_paths), (handled_fs, write_paths)):
             for path in paths:
                 try:
                     pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -93,11 +96,9 @@ def build_ruleset(read_paths: list[str], write_paths: list[str], list_paths: lis
     return fd, abi
 
 
-def build_high(read_paths: list[str], write_paths: list[str], list_paths: list[str] = ()) -> int:
+def build_high(read_paths: list[str], write_paths: list[str]) -> int:
     """build_ruleset, with the fd moved to >= 100 (clear of the 0-3 a snippet's stdio is dup'ed onto)."""
-    import fcntl
-
-    fd, _ = build_ruleset(read_paths, write_paths, list_paths)
+    fd, _ = build_ruleset(read_paths, write_paths)
     try:
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100)
     finally:

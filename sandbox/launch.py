@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
-JAIL_LIB = "/run/sandbox-lib"  # where this package is bound read-only inside the jail
+JAIL_LIB = "/run/sandbox-lib"
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"  # where this package is bound read-only inside the jail
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 # Read-only inside the jail (and the read allow-list for Landlock). Nothing from /home, /root, /etc/shadow.
@@ -33,7 +34,11 @@ SYSTEM_PATHS = (
 )
 
 # The whole environment a snippet sees (plus HOME/TMPDIR/PWD = its scratch dir). One BLAS thread: a snippet
-# gets one core's worth of CPU time, and thread pools do not survive fork.
+# gets one core's worth of CPU time, and thread pools do not survive fork. PYTHONMALLOC=malloc plus glibc's
+# hugetlb tunable put the template's heap (numpy+sympy: ~50 MB) on transparent huge pages where the kernel
+# allows them (THP "madvise"): fork and exit then copy and tear down one entry per 2 MB instead of 512,
+# measured 3.8 -> 2.1 ms of CPU per fork+exit here, the biggest per-call cost. The price: glibc malloc is
+# a little slower than pymalloc for small objects.
 def scrubbed_env() -> dict[str, str]:
     bin_dir = os.path.dirname(os.path.abspath(sys.executable))
     return {
@@ -41,6 +46,7 @@ def scrubbed_env() -> dict[str, str]:
         "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
         "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         "NUMEXPR_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+        "PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
     }
 
 
@@ -93,13 +99,15 @@ class LaunchSpec:
     gid: int | None = None
     env: dict[str, str] = field(default_factory=scrubbed_env)
     workdir: str | None = None  # the pool's private dir: stage mount points (root + jail), plain scratch
+    scratch_mb: int = 1096  # size cap of the jail's /tmp (one call's scratch at a time)
 
     @classmethod
-    def for_host(cls, preimport, disable, workdir: str | None = None) -> "LaunchSpec":
+    def for_host(cls, preimport, disable, workdir: str | None = None, scratch_mb: int = 1096) -> "LaunchSpec":
         root = os.geteuid() == 0
         bwrap = None if "bwrap" in disable else bwrap_binary()
         return cls(jail=bwrap is not None, preimport=list(preimport), disable=list(disable), bwrap=bwrap,
-                   uid=SANDBOX_UID if root else None, gid=SANDBOX_GID if root else None, workdir=workdir)
+                   uid=SANDBOX_UID if root else None, gid=SANDBOX_GID if root else None, workdir=workdir,
+                   scratch_mb=scratch_mb)
 
     def stage_pairs(self) -> list[tuple[str, str]]:
         """(python dir, mount point the sandbox uid can traverse): root + jail only, see `sandbox.launcher`."""
@@ -129,7 +137,9 @@ class LaunchSpec:
                              "uid": None if self.jail else self.uid, "gid": None if self.jail else self.gid,
                              "disable": self.disable, "env": self.env, "scratch_root": scratch_root,
                              "read_paths": self.read_paths()})
-        argv = [sys.executable, "-I", "-B", "-c", boot, config]
+        # Not -I: the environment is entirely ours, and PYTHONMALLOC must be honoured. -s: no user site dir.
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        argv = [sys.executable, "-s", "-B", *safe_path, "-c", boot, config]
         if self.jail:
             argv = self._bwrap_args() + argv
         spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.env,
@@ -139,8 +149,9 @@ class LaunchSpec:
     def _bwrap_args(self) -> list[str]:
         args = [self.bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
-                "--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp", "--dir", "/dev/shm",
-                "--clearenv"]
+                "--proc", "/proc", "--dev", "/dev",
+                "--perms", "1777", "--size", str(self.scratch_mb << 20), "--tmpfs", "/tmp",
+                "--perms", "1777", "--size", str(64 << 20), "--tmpfs", "/dev/shm", "--clearenv"]
         staged = dict(self.stage_pairs())
         for path in _minimal([p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths()):
             if os.path.islink(path) and os.path.dirname(path) == "/":
@@ -148,6 +159,8 @@ class LaunchSpec:
             else:
                 args += ["--ro-bind", staged.get(path, path), path]
         args += ["--ro-bind", PACKAGE_DIR, f"{JAIL_LIB}/sandbox"]
+        # glibc reads the THP mode and size from here before it will madvise its heap (see scrubbed_env)
+        args += ["--ro-bind-try", THP_DIR, THP_DIR]
         for key, value in self.env.items():
             args += ["--setenv", key, value]
         return args + ["--remount-ro", "/", "--chdir", "/tmp", "--"]  # nothing outside /tmp persists between calls

@@ -141,7 +141,8 @@ class SandboxPool:
         return started
 
     def _start(self, cgroup_reason: str) -> IsolationReport:
-        spec = LaunchSpec.for_host(self.limits.preimport, self.disable, workdir=self.workdir)
+        spec = LaunchSpec.for_host(self.limits.preimport, self.disable, workdir=self.workdir,
+                                   scratch_mb=self.limits.memory_mb)
         spec.prepare()
         jail_reason = "disabled by request" if "bwrap" in self.disable else "no bwrap binary found"
         if spec.jail:
@@ -286,6 +287,12 @@ class SandboxPool:
         """index -> host pids of that worker's process tree (tests, diagnostics)."""
         with self._lock:
             return {i: w.process_tree() for i, w in self._all.items() if not w.dead}
+
+    def template_pids(self) -> dict[int, int]:
+        """index -> host pid of that worker's template process."""
+        with self._lock:
+            workers = [w for w in self._all.values() if not w.dead]
+        return {w.index: pid for w in workers if (pid := w.template_pid()) is not None}
 
     def close(self) -> None:
         with self._lock:

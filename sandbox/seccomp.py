@@ -15,7 +15,6 @@ inside the per-call network namespace; without one, AF_UNIX is denied too).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -67,7 +66,9 @@ def _load_libseccomp() -> ctypes.CDLL:
     try:
         lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError:
-        name = ctypes.util.find_library("seccomp")  # runs ldconfig; only when the usual soname is missing
+        from ctypes.util import find_library  # runs ldconfig: only when the usual soname is missing
+
+        name = find_library("seccomp")
         try:
             lib = ctypes.CDLL(name, use_errno=True) if name else None
         except OSError:
@@ -123,13 +124,24 @@ def build_filter(allow_unix_sockets: bool) -> bytes:
         lib.seccomp_release(ctx)
 
 
-def install(program: bytes, libc: ctypes.CDLL) -> None:
-    """Load a compiled filter into the calling process (and its future children). Irreversible."""
-    if not program or len(program) % 8:
-        raise SeccompUnavailable("empty or malformed BPF program")
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+class Filter:
+    """A compiled filter, with its sock_fprog built ahead (in the template) so loading it in each snippet
+    allocates nothing: two prctl calls."""
+
+    def __init__(self, program: bytes):
+        if not program or len(program) % 8:
+            raise SeccompUnavailable("empty or malformed BPF program")
+        self.program = program
+        self._buf = ctypes.create_string_buffer(program, len(program))
+        self._prog = _SockFprog(len(program) // 8, ctypes.cast(self._buf, ctypes.c_void_p))
+        self._addr = ctypes.addressof(self._prog)
+
+    def __len__(self) -> int:
+        return len(self.program) // 8
+
+    def install(self, libc: ctypes.CDLL) -> None:
+        """Load into the calling process (and its future children). Irreversible."""
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._addr, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")

@@ -1,18 +1,23 @@
 """The last fork: confine this process, then run the untrusted code as `__main__`.
 
-Confinement order matters: file descriptors and environment first (nothing of the template leaks), then
+Every import is at module level: the template imports them before it drops privileges (in the fallback
+mode the interpreter's own files may be unreadable afterwards). Confinement order matters: file descriptors and environment first (nothing of the template leaks), then
 rlimits, then capabilities, no_new_privs, Landlock, seccomp (seccomp last, it forbids what came before).
 If any step the pool promised fails, the code does not run: the process exits with SETUP_FAILED and the
 monitor reports `sandbox_error`. Nothing ever runs with less isolation than the start-up report says.
 """
 from __future__ import annotations
 
-import io
+import atexit
+import builtins
 import json
+import linecache
 import math
 import os
 import resource
 import sys
+import traceback
+import types
 
 from sandbox import landlock, linux, seccomp
 
@@ -40,28 +45,16 @@ def _apply_rlimits(limits: dict, nproc_extra: int) -> None:
     _set_rlimit(resource.RLIMIT_CORE, 0)
 
 
-def _std_streams() -> None:
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
-                                                 encoding="utf-8", errors="strict")
-    sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
-                                                   encoding="utf-8", errors="strict")
-    sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
-                                                   encoding="utf-8", errors="backslashreplace",
-                                                   line_buffering=True)
-
-
 def _reseed() -> None:
-    """Forked children share the template's RNG state; every call must draw fresh entropy."""
-    import random
-
-    random.seed()
+    """Forked children share the template's RNG state; every call must draw fresh entropy. (`random`
+    reseeds itself after fork through os.register_at_fork; numpy's legacy global state does not.)"""
     np_random = sys.modules.get("numpy.random")
     if np_random is not None:
         np_random.seed()
 
 
 def confine(ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
-    """ctx: what the template activated (namespaces, landlock_fd, seccomp BPF). fds: stdin/stdout/stderr/info."""
+    """ctx: what the template activated (namespaces, landlock_fd, seccomp filter). fds: stdin/stdout/stderr/info."""
     os.dup2(fds["stdin"], 0)
     os.dup2(fds["stdout"], 1)
     os.dup2(fds["stderr"], 2)
@@ -77,27 +70,28 @@ def confine(ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None
     if os.getsid(0) != os.getpid():
         os.setsid()
     os.chdir(scratch)
-    os.environ.clear()
-    os.environ.update(env)
-    if not ctx["namespaces"]:
-        linux.set_pdeathsig()
+    for key, value in env.items():  # the template's environment is already the scrubbed set
+        if os.environ.get(key) != value:
+            os.environ[key] = value
     try:
         with open("/proc/self/oom_score_adj", "w") as f:  # the OOM killer takes the snippet, never the template
             f.write("1000")
     except OSError:
         pass
-    _apply_rlimits(limits, nproc_extra=1 if ctx["namespaces"] else 0)  # +1: the namespace's init process
+    _apply_rlimits(limits, nproc_extra=2 if ctx["namespaces"] else 0)  # the template and pid 1 share the count
     if ctx["namespaces"]:
-        linux.drop_all_capabilities()
+        linux.drop_all_capabilities()  # the ones the call's user namespace gave us
+    linux.set_pdeathsig()  # the template died: so do we
     linux.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1)
     if keep is not None:
         landlock.restrict_self(keep, linux.libc)
         os.close(keep)
-    if ctx.get("seccomp_bpf"):
-        seccomp.install(ctx["seccomp_bpf"], linux.libc)
+    if ctx.get("seccomp") is not None:
+        ctx["seccomp"].install(linux.libc)
     linux.set_dumpable(True)
     _reseed()
-    _std_streams()
+    # sys.stdin/stdout/stderr are the interpreter's own objects on fds 0-2, never used by the template
+    # (so their buffers are empty) and now reading/writing this call's pipes: nothing to rebuild.
 
 
 def _exit_code(e: SystemExit) -> int:
@@ -112,12 +106,6 @@ def _exit_code(e: SystemExit) -> int:
 
 def execute(code: str) -> int:
     """Run `code` like `python -c` would and return the process exit status."""
-    import atexit
-    import builtins
-    import linecache
-    import traceback
-    import types
-
     main = types.ModuleType("__main__")
     main.__builtins__ = builtins
     sys.modules["__main__"] = main

@@ -24,6 +24,13 @@ CGROUP_HEADROOM_MB = 64  # page tables and kernel memory of the monitor/init/sni
 CGROUP_EXTRA_PIDS = 8  # bwrap, its init, the template, the monitor, the call's init
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return linux.children_of(pid)
+    except OSError:
+        return []
+
+
 class WorkerStartError(RuntimeError):
     pass
 
@@ -119,18 +126,31 @@ class Worker:
         self.kill()
 
     def process_tree(self) -> list[int]:
-        """Host pids of this worker's processes (launcher/bwrap, its init, the template, live calls)."""
+        """Host pids of this worker's processes, parents first (launcher/bwrap, its init, the template, the
+        call namespace's pid 1, a running call)."""
         if self.proc is None or self.proc.poll() is not None:
             return []
         tree, todo = [], [self.proc.pid]
         while todo:
-            pid = todo.pop()
+            pid = todo.pop(0)
             tree.append(pid)
+            todo.extend(_children(pid))
+        return tree
+
+    def template_pid(self) -> int | None:
+        """Host pid of the template process: the first Python process below the launcher/bwrap ones."""
+        tree = self.process_tree()
+        comms = {}
+        for pid in tree:
             try:
-                todo.extend(linux.children_of(pid))
+                comms[pid] = open(f"/proc/{pid}/comm").read().strip()
             except OSError:
                 pass
-        return tree
+        for pid in tree:  # breadth of the tree comes parent-first
+            if comms.get(pid, "").startswith("python") and all(
+                    not comms.get(p, "").startswith("python") for p in tree if pid in _children(p)):
+                return pid
+        return None
 
     # -- calls -----------------------------------------------------------------------------------------
     def _set_cgroup_limits(self, limits: Limits) -> None:

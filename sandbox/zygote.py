@@ -1,15 +1,20 @@
 """The warm template ("zygote"): one per pool worker, started once, forked once per call.
 
-Start-up: drop to the sandbox uid, import `preimport` (numpy, sympy, ... so snippets pay nothing for them),
-compile the seccomp filter and the Landlock ruleset, then *probe* every mechanism in a throw-away child and
-report what really works in a hello frame. Serving: read a call from the control socket, fork a monitor
-(`sandbox.monitor`) for it, relay its result. The template itself never runs untrusted code, holds no
-capabilities and is not dumpable (a snippet cannot ptrace it or read its memory through /proc).
+Start-up: drop to the sandbox uid (fallback mode; in the jail the launcher did), import `preimport` (numpy,
+sympy, ... so snippets pay nothing for them), compile the seccomp filter and the Landlock ruleset, *probe*
+every mechanism in a throw-away child, then enter the worker's namespaces (user, mount, pid, ipc: see
+`sandbox.reaper`) and report what really works in a hello frame. Serving: read a call from the control
+socket and run it (`sandbox.monitor`), one call at a time.
+
+The template never runs untrusted code and is not dumpable. With namespaces it is outside the pid
+namespace its calls run in, so a snippet can neither see nor signal it; it keeps capabilities only inside
+its own user namespace (to give each call a fresh IPC namespace), and every snippet drops them.
 
 Runs inside the jail with only the standard library and this package; started by `sandbox.launch`.
 """
 from __future__ import annotations
 
+import fcntl
 import gc
 import importlib
 import json
@@ -19,12 +24,8 @@ import signal
 import socket
 import stat
 import sys
-import time
 
-from sandbox import landlock, linux, monitor, protocol, seccomp
-
-BACKSTOP_S = 5.0  # extra seconds a monitor gets past the call's timeout before the template kills it
-
+from sandbox import landlock, linux, monitor, protocol, reaper, seccomp
 
 def _drop_privileges(cfg: dict) -> None:
     uid, gid = cfg.get("uid"), cfg.get("gid")
@@ -37,9 +38,14 @@ def _drop_privileges(cfg: dict) -> None:
         raise RuntimeError(f"could not drop to uid {uid}")
 
 
+# Submodules a library loads lazily on first attribute access: warm them with it, or every snippet that
+# touches `numpy.random` pays the import (~10-30 ms) again in its own fork.
+COMPANIONS = {"numpy": ("numpy.random", "numpy.fft", "numpy.polynomial")}
+
+
 def _preimport(names: list[str]) -> tuple[list[str], dict[str, str]]:
     done, failed = [], {}
-    for name in names:
+    for name in [n for name in names for n in (name, *COMPANIONS.get(name, ()))]:
         try:
             importlib.import_module(name)
             done.append(name)
@@ -71,26 +77,38 @@ def _probe(fn) -> str | None:
         reply = f"probe failed: {e}"
     os.waitpid(pid, 0)
     a.close()
+    while True:  # orphans of the probe (its namespace's pid 1) were re-parented to us, a subreaper
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
     return None if reply == "ok" else (reply or "probe child died")
 
 
 def _probe_namespaces(uid: int, gid: int) -> None:
-    monitor.enter_namespaces(uid, gid, scratch_mb=16)
+    monitor.enter_namespaces(uid, gid)
+    pid1, sock = reaper.start()
     pid = os.fork()
-    if pid == 0:  # pid 1 of the new namespace
-        try:
-            linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-            os._exit(0 if os.getpid() == 1 else 2)
-        except OSError as e:
-            os._exit(10 + e.errno)
+    if pid == 0:
+        os._exit(0 if os.getpid() == 2 and os.getppid() == 0 else 3)
     _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"pid namespace init check failed (exit {code})")
+    reaper.sweep(sock)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("a forked call did not land in the call pid namespace")
 
 
-def _probe_seccomp(bpf: bytes) -> None:
-    seccomp.install(bpf, linux.libc)
+def _enter_namespaces(ctx: dict) -> None:
+    """For real, in the template itself (after the probe said it works)."""
+    monitor.enter_namespaces(ctx["uid"], ctx["gid"])
+    ipc = os.open("/proc/self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)  # before the reaper mounts its /proc
+    ctx["ipc_ns"] = fcntl.fcntl(ipc, fcntl.F_DUPFD_CLOEXEC, 100)
+    os.close(ipc)
+    _, ctx["reaper"] = reaper.start()
+
+
+def _probe_seccomp(flt: seccomp.Filter) -> None:
+    flt.install(linux.libc)
     try:
         socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     except OSError:
@@ -102,8 +120,8 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
     """Build and probe each mechanism. Returns (ctx for calls, {name: [active, detail]})."""
     disabled = set(cfg.get("disable", ()))
     uid, gid = os.getuid(), os.getgid()
-    ctx: dict = {"namespaces": False, "uid": uid, "gid": gid, "env": cfg["env"], "landlock": None,
-                 "seccomp_bpf": None}
+    ctx: dict = {"namespaces": False, "uid": uid, "gid": gid, "env": cfg["env"], "landlock_fd": None,
+                 "seccomp": None, "reaper": None, "ipc_ns": None}
     mech: dict = {}
     if not cfg["jail"]:
         mech["namespaces"] = [False, "no filesystem jail, so no per-call namespaces"]
@@ -111,38 +129,42 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
         mech["namespaces"] = [False, "disabled by request"]
     else:
         err = _probe(lambda: _probe_namespaces(uid, gid))
-        ctx["namespaces"] = err is None
-        mech["namespaces"] = [err is None, err or "per call: user (1:1 map), pid, mount, net (lo only), ipc, uts; "
-                                                 "private tmpfs /tmp and /dev/shm"]
+        if err is None:
+            _enter_namespaces(ctx)
+            ctx["namespaces"] = True
+        mech["namespaces"] = [err is None, err or "user, mount, pid namespaces of the worker's calls (the "
+                                                 "template is not in the pid one), a fresh ipc namespace per "
+                                                 "call, everything but pid 1 killed after each call"]
     if "landlock" in disabled:
         mech["landlock"] = [False, "disabled by request"]
     else:
-        # Built per call, after the call's mounts (see monitor.with_landlock_ruleset).
-        rules = {"read": cfg["read_paths"],
-                 "write": (["/tmp", "/dev/shm"] if ctx["namespaces"] else [_scratch_root(cfg)]) + ["/dev/null"],
-                 "list": ["/"] if cfg["jail"] else []}  # in the jail only bound paths exist: listing is harmless
+        if cfg["jail"]:  # everything that exists in the jail is public: read all, write only scratch
+            read, write = ["/"], ["/tmp", "/dev/shm", "/dev/null"]
+        else:
+            read, write = cfg["read_paths"], [_scratch_root(cfg), "/dev/null"]
         try:
             abi = landlock.abi_version()
-            fd = landlock.build_high(rules["read"], rules["write"], rules["list"])
+            fd = landlock.build_high(read, write)
             err = _probe(lambda: (linux.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1), landlock.restrict_self(fd, linux.libc)))
-            os.close(fd)
             if err is None:
-                ctx["landlock"] = rules
+                ctx["landlock_fd"] = fd
+            else:
+                os.close(fd)
             scope = "signals+abstract sockets scoped" if abi >= 6 else "no signal scoping (ABI < 6)"
-            mech["landlock"] = [err is None, err or f"ABI {abi}: read-only system+python paths, write only "
-                                                    f"scratch; TCP {'denied' if abi >= 4 else 'not covered'}; {scope}"]
+            what = "read-only jail, write only /tmp" if cfg["jail"] else "read-only system+python paths, write only scratch"
+            mech["landlock"] = [err is None, err or f"ABI {abi}: {what}; TCP {'denied' if abi >= 4 else 'not covered'}; {scope}"]
         except (landlock.LandlockUnavailable, OSError) as e:
             mech["landlock"] = [False, str(e)]
     if "seccomp" in disabled:
         mech["seccomp"] = [False, "disabled by request"]
     else:
         try:
-            bpf = seccomp.build_filter(allow_unix_sockets=ctx["namespaces"])
-            err = _probe(lambda: _probe_seccomp(bpf))
+            flt = seccomp.Filter(seccomp.build_filter(allow_unix_sockets=cfg["jail"]))
+            err = _probe(lambda: _probe_seccomp(flt))
             if err is None:
-                ctx["seccomp_bpf"] = bpf
-            mech["seccomp"] = [err is None, err or f"libseccomp deny-list, {len(bpf) // 8} BPF instructions: "
-                                                   "sockets (except AF_UNIX in a private netns), ptrace, "
+                ctx["seccomp"] = flt
+            mech["seccomp"] = [err is None, err or f"libseccomp deny-list, {len(flt)} BPF instructions: "
+                                                   "sockets (AF_UNIX only inside the jail's netns), ptrace, "
                                                    "namespaces, mount, bpf, perf, keyring, io_uring"]
         except (seccomp.SeccompUnavailable, OSError) as e:
             mech["seccomp"] = [False, str(e)]
@@ -167,44 +189,36 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, onerror=fix)
 
 
+def _wipe(path: str) -> None:
+    """Empty a dir the calls share (the jail's /tmp, /dev/shm) so nothing carries over to the next call."""
+    for entry in os.listdir(path):
+        full = os.path.join(path, entry)
+        if os.path.isdir(full) and not os.path.islink(full):
+            _remove_tree(full)
+        else:
+            os.unlink(full)
+
+
 def _execute(header: dict, blobs: list[bytes], ctx: dict, cfg: dict, number: int) -> tuple[dict, list[bytes]]:
     names = header.get("files", [])
     call = {"code": blobs[0].decode("utf-8", "surrogatepass"), "stdin": blobs[1] if header.get("stdin") else None,
             "files": dict(zip(names, blobs[2:])), "limits": header["limits"]}
-    scratch = None
-    if not ctx["namespaces"]:
-        scratch = call["scratch"] = os.path.join(_scratch_root(cfg), f"call-{number}")
-        os.mkdir(scratch, 0o700)
-    mine, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            mine.close()
-            os.close(cfg["ctrl_fd"])  # the monitor never talks to the pool directly
-            result = monitor.run_call(call, ctx)
-        except BaseException as e:  # noqa: BLE001
-            result = monitor.fail_result(f"monitor: {type(e).__name__}: {e}")
-        try:
-            out, err = result.pop("stdout"), result.pop("stderr")
-            protocol.send(theirs, result, [out, err])
-        finally:
-            os._exit(0)
-    theirs.close()
-    del call, blobs
-    deadline = time.monotonic() + float(header["limits"]["timeout_s"]) + float(header.get("backstop_s", BACKSTOP_S))
+    shared_tmp = ctx["namespaces"]  # jail: the call owns the worker's whole /tmp
+    if shared_tmp:
+        call["scratch"] = "/tmp"
+    else:
+        call["scratch"] = os.path.join(_scratch_root(cfg), f"call-{number}")
+        os.mkdir(call["scratch"], 0o700)
     try:
-        head, (out, err) = protocol.recv(mine, deadline=deadline)
-    except (EOFError, TimeoutError, protocol.ProtocolError, ValueError, OSError) as e:
-        os.kill(pid, signal.SIGKILL)
-        res = monitor.fail_result(f"monitor failed: {type(e).__name__}: {e}")
-        head, out, err = res, res.pop("stdout"), res.pop("stderr")
+        result = monitor.run_call(call, ctx)
     finally:
-        mine.close()
-    os.waitpid(pid, 0)
-    if scratch is not None:
-        linux.kill_descendants()
-        _remove_tree(scratch)
-    return head, [out, err]
+        if shared_tmp:
+            _wipe("/tmp")
+            _wipe("/dev/shm")
+        else:
+            _remove_tree(call["scratch"])
+    out, err = result.pop("stdout"), result.pop("stderr")
+    return result, [out, err]
 
 
 def serve(ctrl: socket.socket, ctx: dict, cfg: dict) -> None:
@@ -215,27 +229,42 @@ def serve(ctrl: socket.socket, ctx: dict, cfg: dict) -> None:
         except (EOFError, ConnectionError):
             return  # the pool closed or died: nothing else to do
         number += 1
-        if header.get("type") == "run":
-            head, out = _execute(header, blobs, ctx, cfg, number)
-            protocol.send(ctrl, dict(head, id=header.get("id")), out)
-        elif header.get("type") == "ping":
+        if header.get("type") == "ping":
             protocol.send(ctrl, {"type": "pong", "id": header.get("id")})
+            continue
+        try:
+            head, out = _execute(header, blobs, ctx, cfg, number)
+        except BaseException as e:  # noqa: BLE001 - our state is suspect now: report, then let the pool replace us
+            res = monitor.fail_result(f"template: {type(e).__name__}: {e}")
+            protocol.send(ctrl, dict(res, id=header.get("id")), [res.pop("stdout"), res.pop("stderr")])
+            raise
+        protocol.send(ctrl, dict(head, id=header.get("id")), out)
 
 
 def main(config_json: str) -> None:
     cfg = json.loads(config_json)
+    os.environ.clear()  # exactly the scrubbed set: snippets inherit it as is (no per-call rebuild)
+    os.environ.update(cfg["env"], PWD=os.getcwd())
     ctrl = socket.socket(fileno=cfg["ctrl_fd"])
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
     done, failed = _preimport(cfg["preimport"])
+    # Before the first fork: children never scan (so never copy-on-write) these objects, and the heap's
+    # huge pages stay whole in the template (a collection after a fork would touch, and split, them all).
+    gc.collect()
+    gc.freeze()
     if not cfg["jail"]:
         _drop_privileges(cfg)  # after the imports: the interpreter may live under a private home dir
         linux.set_pdeathsig()  # (after the uid change, which clears it) the pool died: so do we
-        linux.set_child_subreaper()
+    linux.set_child_subreaper()
     linux.set_dumpable(False)
     ctx, mech = _activate(cfg)
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # SIGCHLD wakes the call's poll loop
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    ctx["wake_fd"] = wake_r
     gc.collect()
     gc.freeze()  # children never scan (and so never copy-on-write) the template's objects
     protocol.send(ctrl, {"type": "hello", "pid": os.getpid(), "uid": os.getuid(), "mechanisms": mech,

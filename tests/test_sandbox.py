@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import sandbox
+import sandbox.pool
 from sandbox import ExecStatus, IsolationError, Limits, SandboxPool
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
@@ -296,18 +297,19 @@ def test_cannot_signal_or_ptrace_the_parent(pool):
     me = os.getpid()
     code = (
         "import os, signal, ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-        f"for pid in ({me}, os.getppid(), 1, -1, {min(p for t in before.values() for p in t)}):\n"
+        "print('parent pid seen:', os.getppid())  # 0: the parent is outside the snippet's pid namespace\n"
+        f"for pid in [p for p in ({me}, os.getppid(), 1, -1, {min(p for t in before.values() for p in t)}) if p]:\n"
         "    for sig in (signal.SIGKILL, signal.SIGTERM):\n"
         "        try:\n            os.kill(pid, sig)\n            print('signalled', pid)\n"
         "        except OSError as e:\n            print('denied', pid, e.errno)\n"
-        f"for pid in ({me}, os.getppid(), 1):\n"
+        f"for pid in [p for p in ({me}, os.getppid(), 1) if p]:\n"
         "    print('ptrace', pid, libc.ptrace(16, pid, 0, 0), ctypes.get_errno())\n"  # PTRACE_ATTACH
         "print('still here')\n"
     )
     r = pool.run(code)
     assert r.status is ExecStatus.OK and "still here" in r.stdout, r
     assert "signalled" not in r.stdout.replace("signalled -1", "")  # kill(-1) may only reach its own children
-    assert r.stdout.count("ptrace") == 3 and all(line.split()[2] == "-1" for line in r.stdout.splitlines()
+    assert r.stdout.count("ptrace") >= 2 and all(line.split()[2] == "-1" for line in r.stdout.splitlines()
                                                   if line.startswith("ptrace"))
     assert pool.worker_processes() == before  # every worker process survived
     assert pool.run("print('alive')").stdout == "alive\n"
@@ -357,15 +359,7 @@ def test_monkeypatching_does_not_carry_over(pool):
 # ---------------------------------------------------------------------------------------------------------
 def _templates(pool) -> dict[int, int]:
     """worker index -> host pid of its template (the zygote) process."""
-    out = {}
-    for index, tree in pool.worker_processes().items():
-        for pid in tree:
-            try:
-                if b"sandbox.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    out[index] = pid
-            except OSError:
-                pass
-    return out
+    return pool.template_pids()
 
 
 def _wait_for_workers(pool, n: int, timeout: float = 120) -> None:
@@ -382,7 +376,8 @@ def test_crashed_worker_is_replaced_and_others_keep_serving(pool):
     t = threading.Thread(target=lambda: slow.__setitem__(0, pool.run("import time; time.sleep(2); print('done')")))
     t.start()
     time.sleep(0.5)
-    busy = [i for i, pid in _templates(pool).items() if len(pool.worker_processes()[i]) > 3]
+    idle_size = max(pool.baseline_tree_sizes)
+    busy = [i for i, tree in pool.worker_processes().items() if len(tree) > idle_size]
     victim = busy[0] if busy else next(iter(templates))
     os.kill(templates[victim], signal.SIGKILL)
     t.join()

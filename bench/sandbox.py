@@ -1,0 +1,112 @@
+"""Sandbox throughput and latency against the naive baseline, measured in the same run.
+
+Baseline: a fresh `python3 -I -c` subprocess per call that applies the same rlimits before running the code
+(what a tool runtime without a warm template does). Both sides run the same snippets; the table reports
+calls/s (serial and concurrent) and p50/p99 latency, and the sandbox/baseline ratios.
+
+    .venv/bin/python bench/sandbox.py                # defaults: 200 trivial calls, 60 numpy+sympy calls
+    .venv/bin/python bench/sandbox.py --calls 100 --heavy-calls 30 --workers 4
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sandbox import Limits, SandboxPool  # noqa: E402
+from sandbox.pool import default_workers  # noqa: E402
+
+SNIPPETS = {
+    "trivial": "print(sum(range(1000)))",
+    "numpy+sympy": "import numpy, sympy\nprint(int(numpy.arange(10).sum()), sympy.factorint(360))",
+}
+
+# The baseline applies the sandbox's rlimits in the fresh interpreter, then runs the snippet.
+NAIVE_PRELUDE = """import resource as _r
+_mb = 1024 * 1024
+for _k, _v in ((_r.RLIMIT_AS, {mem} * _mb), (_r.RLIMIT_CPU, {cpu}), (_r.RLIMIT_NPROC, {nproc}),
+               (_r.RLIMIT_NOFILE, {nofile}), (_r.RLIMIT_FSIZE, int({fsize} * _mb)), (_r.RLIMIT_CORE, 0)):
+    _r.setrlimit(_k, (_v, _v))
+exec(compile({code!r}, "<snippet>", "exec"))
+"""
+
+
+def naive_call(code: str, limits: Limits) -> tuple[float, str]:
+    wrapped = NAIVE_PRELUDE.format(mem=limits.memory_mb, cpu=int(limits.cpu_time_s), nproc=limits.max_processes,
+                                   nofile=limits.max_open_files, fsize=limits.max_file_size_mb, code=code)
+    env = {"PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-I", "-c", wrapped], capture_output=True, text=True, env=env,
+                         timeout=limits.timeout_s + 60)
+    took = time.perf_counter() - t
+    if out.returncode != 0:
+        raise RuntimeError(f"baseline call failed: {out.stderr[-500:]}")
+    return took, out.stdout
+
+
+def sandbox_call(pool: SandboxPool, code: str) -> tuple[float, str]:
+    t = time.perf_counter()
+    r = pool.run(code)
+    took = time.perf_counter() - t
+    if not r.ok:
+        raise RuntimeError(f"sandbox call failed: {r.status} {r.stderr[-500:]}")
+    return took, r.stdout
+
+
+def measure(call, n: int, concurrency: int) -> dict:
+    """Serial: n calls in a row (latency percentiles, calls/s). Concurrent: n calls from `concurrency` threads."""
+    call()  # warm-up (page cache, first fork)
+    lat = []
+    t = time.perf_counter()
+    for _ in range(n):
+        lat.append(call()[0])
+    serial_s = time.perf_counter() - t
+    with ThreadPoolExecutor(concurrency) as ex:
+        t = time.perf_counter()
+        list(ex.map(lambda _: call(), range(n)))
+        concurrent_s = time.perf_counter() - t
+    lat.sort()
+    return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+            "serial_cps": n / serial_s, "concurrent_cps": n / concurrent_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=200, help="calls per measurement, trivial snippet")
+    ap.add_argument("--heavy-calls", type=int, default=60, help="calls per measurement, numpy+sympy snippet")
+    ap.add_argument("--workers", type=int, default=None, help="sandbox workers (default: from the machine)")
+    args = ap.parse_args()
+    limits = Limits(timeout_s=30, cpu_time_s=30)
+    workers = args.workers or default_workers()
+    load = os.getloadavg()[0]
+    with SandboxPool(limits, workers=workers) as pool:
+        print(f"# sandbox bench: {os.cpu_count()} cores, load {load:.1f}, {workers} workers, "
+              f"isolation={pool.isolation}")
+        print(f"# {pool.report.summary()}\n")
+        rows = []
+        for name, code in SNIPPETS.items():
+            n = args.calls if name == "trivial" else args.heavy_calls
+            sb = measure(lambda: sandbox_call(pool, code), n, workers)
+            nv = measure(lambda: naive_call(code, limits), n, workers)
+            rows.append((name, sb, nv))
+    print("| snippet | runtime | p50 ms | p99 ms | serial calls/s | concurrent calls/s |")
+    print("|---|---|---|---|---|---|")
+    for name, sb, nv in rows:
+        for label, m in (("sandbox", sb), ("fresh python3 -c", nv)):
+            print(f"| {name} | {label} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['serial_cps']:.1f} | "
+                  f"{m['concurrent_cps']:.1f} |")
+        print(f"| {name} | **ratio** | {nv['p50_ms'] / sb['p50_ms']:.1f}x faster | "
+              f"{nv['p99_ms'] / sb['p99_ms']:.1f}x faster | {sb['serial_cps'] / nv['serial_cps']:.1f}x | "
+              f"{sb['concurrent_cps'] / nv['concurrent_cps']:.1f}x |")
+    print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
