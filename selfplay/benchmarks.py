@@ -268,7 +268,7 @@ def code_check_program(item: BenchmarkItem, code: str) -> str:
 # ---------------------------------------------------------------- the generated benchmark
 
 CATEGORIES = ("arithmetic", "modular", "counting", "algebra", "range_sum", "prime_count")
-LEVELS = (1, 2, 3)
+LEVELS = (1, 2, 3, 4)  # 1: one step, for small models; 4: hopeless by hand, quick in Python
 
 
 def _signed(coef: int, var: str, first: bool = False) -> str:
@@ -284,7 +284,7 @@ def _linear(coefs: list[tuple[int, str]]) -> str:
 
 
 def _arithmetic(rng: random.Random, level: int) -> tuple[str, int]:
-    hi, ops = {1: (20, 2), 2: (100, 4), 3: (999, 6)}[level]
+    hi, ops = {1: (10, 1), 2: (20, 2), 3: (100, 4), 4: (999, 6)}[level]
 
     def expr(n_ops: int) -> tuple[str, int]:
         if n_ops == 0:
@@ -302,11 +302,14 @@ def _arithmetic(rng: random.Random, level: int) -> tuple[str, int]:
 
 
 def _modular(rng: random.Random, level: int) -> tuple[str, int]:
-    m = rng.randint(3, {1: 13, 2: 97, 3: 997}[level])
+    m = rng.randint(3, {1: 9, 2: 13, 3: 97, 4: 997}[level])
     if level == 1:
+        a = rng.randint(10, 60)
+        return f"What is the remainder when {a} is divided by {m}?", a % m
+    if level == 2:
         a, b, c = rng.randint(10, 999), rng.randint(2, 99), rng.randint(0, 99)
         return f"What is the remainder when {a} * {b} + {c} is divided by {m}?", (a * b + c) % m
-    base, exp = rng.randint(2, 50), rng.randint(10, 200) if level == 2 else rng.randint(1000, 20000)
+    base, exp = rng.randint(2, 50), rng.randint(10, 200) if level == 3 else rng.randint(1000, 20000)
     return f"What is the remainder when {base}^{exp} is divided by {m}?", pow(base, exp, m)
 
 
@@ -321,13 +324,13 @@ def _inclusion(lo: int, hi: int, divs: list[int]) -> int:
 
 
 def _counting(rng: random.Random, level: int) -> tuple[str, int]:
-    span = {1: 100, 2: 10_000, 3: 200_000}[level]
-    lo = rng.randint(1, span // 2)
+    span = {1: 30, 2: 100, 3: 10_000, 4: 200_000}[level]
+    lo = 1 if level == 1 else rng.randint(1, span // 2)
     hi = lo + rng.randint(span // 4, span)
     p, q = rng.sample([2, 3, 4, 5, 6, 7, 9, 11, 13], 2)
     while p % q == 0 or q % p == 0:  # "by 4 or by 2" is a one-divisor question in disguise
         p, q = rng.sample([2, 3, 4, 5, 6, 7, 9, 11, 13], 2)
-    form = rng.choice(("or", "but_not") if level > 1 else ("one", "or"))
+    form = "one" if level == 1 else rng.choice(("one", "or") if level == 2 else ("or", "but_not"))
     where = f"from {lo} to {hi} inclusive"
     if form == "one":
         return f"How many integers {where} are divisible by {p}?", _inclusion(lo, hi, [p])
@@ -342,9 +345,12 @@ def _algebra(rng: random.Random, level: int) -> tuple[str, int]:
     x = rng.randint(-20, 20)
     nz = [c for c in range(-9, 10) if c]
     if level == 1:
+        x, b = rng.randint(1, 12), rng.randint(1, 12)
+        return f"Solve for x: x + {b} = {x + b}.", x
+    if level == 2:
         a, b = rng.choice(nz), rng.randint(-30, 30)
         return f"Solve for x: {_linear([(a, 'x'), (b, '')])} = {a * x + b}.", x
-    if level == 2:
+    if level == 3:
         a = rng.choice(nz)
         c = rng.choice([v for v in nz if v != a])
         b = rng.randint(-30, 30)
@@ -364,8 +370,10 @@ def _digit_sum(n: int) -> int:
 
 
 def _range_sum(rng: random.Random, level: int) -> tuple[str, int]:
-    n_max = {1: 1_000, 2: 20_000, 3: 100_000}[level]
-    power = 1 if level < 3 else 2
+    n_max = {1: rng.randint(5, 30), 2: 1_000, 3: 20_000, 4: 100_000}[level]
+    if level == 1:
+        return f"What is the sum of the integers n with 1 <= n <= {n_max}?", n_max * (n_max + 1) // 2
+    power = 1 if level < 4 else 2
     a, b = rng.sample([3, 4, 5, 6, 7, 8, 9, 11], 2)
     form = rng.choice(("div_not", "digit_sum", "remainder"))
     if form == "div_not":
@@ -390,8 +398,8 @@ def _primes_upto(n: int) -> bytearray:
 
 
 def _prime_count(rng: random.Random, level: int) -> tuple[str, int]:
-    hi = rng.randint(*{1: (30, 100), 2: (1_000, 20_000), 3: (100_000, 1_000_000)}[level])
-    lo = rng.randint(1, hi // 2)
+    hi = rng.randint(*{1: (10, 30), 2: (30, 100), 3: (1_000, 20_000), 4: (100_000, 1_000_000)}[level])
+    lo = 1 if level == 1 else rng.randint(1, hi // 2)
     sieve = _primes_upto(hi)
     return f"How many prime numbers are there between {lo} and {hi} inclusive?", sum(sieve[lo:])
 
