@@ -10,6 +10,8 @@ import os
 import signal
 
 libc = ctypes.CDLL(None, use_errno=True)
+_pylibc = ctypes.PyDLL(None, use_errno=True)  # PyDLL: the GIL stays held across the call
+_pylibc.fork.restype = ctypes.c_int
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -27,6 +29,20 @@ def _check(rc: int, what: str) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def lean_fork() -> int:
+    """fork(2) without CPython's after-fork protocol (lock re-initialisation, os.register_at_fork hooks).
+
+    Only for the template: it is single-threaded and holds no lock at this point, so there is nothing for
+    that protocol to repair, and skipping it saves ~200 copy-on-write page faults (~0.5 ms of CPU here) per
+    call. The GIL is held throughout (PyDLL), so the child resumes with a consistent interpreter. What the
+    hooks would have done that matters, reseeding `random`, the template does before forking."""
+    pid = _pylibc.fork()
+    if pid < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"fork: {os.strerror(err)}")
+    return pid
 
 
 def unshare(flags: int) -> None:
@@ -80,18 +96,14 @@ class _CapData(ctypes.Structure):
 
 _CAP_HEADER = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
 _CAP_NONE = (_CapData * 2)()
-_CAP_CHECK = (_CapData * 2)()
 
 
 def drop_all_capabilities() -> None:
-    """Empty the effective, permitted, inheritable (and so ambient) sets, then verify. The bounding set is
-    left alone: with no_new_privs set right after, exec cannot gain capabilities from file caps or setuid
-    bits, so clearing it (one prctl per capability, ~0.3 ms) would buy nothing. The structs are built at
-    import (in the template), so a snippet allocates nothing here."""
+    """Empty the effective, permitted and inheritable (and so ambient) sets: capset with all-zero sets
+    either succeeds completely or fails. The bounding set is left alone: with no_new_privs set right after,
+    exec cannot gain capabilities from file caps or setuid bits, so clearing it (one prctl per capability)
+    would buy nothing. The structs are built at import (in the template): a snippet allocates nothing."""
     _check(libc.capset(ctypes.byref(_CAP_HEADER), _CAP_NONE), "capset")
-    _check(libc.capget(ctypes.byref(_CAP_HEADER), _CAP_CHECK), "capget")
-    if any(d.effective or d.permitted or d.inheritable for d in _CAP_CHECK):
-        raise RuntimeError("capabilities still present after capset")
 
 
 def children_of(pid: int) -> list[int]:

@@ -136,10 +136,11 @@ def run_call(call: dict, ctx: dict) -> dict:
     namespaced = ctx["reaper"] is not None
     started = time.monotonic()
     deadline = started + float(limits["timeout_s"])
+    snippet.reseed_before_fork()
     if namespaced:
         linux.unshare(linux.CLONE_NEWIPC)  # for the child; we step back right after the fork
     try:
-        pid = os.fork()
+        pid = linux.lean_fork()
     finally:
         if namespaced:
             linux.setns(ctx["ipc_ns"], linux.CLONE_NEWIPC)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Mapping, Sequence
 
 from sandbox.cgroups import CgroupTree
@@ -112,6 +112,14 @@ class SandboxPool:
         for name, mech in self.report.mechanisms.items():
             if not mech.active:
                 log.warning("sandbox mechanism %s inactive: %s", name, mech.detail)
+
+    @classmethod
+    def from_config(cls, section, **kwargs) -> "SandboxPool":
+        """From `selfplay.config.SandboxConfig` (or anything with the same attribute names), without this
+        package importing selfplay: Limits fields, plus `workers` and `min_isolation`."""
+        limits = Limits(**{f.name: getattr(section, f.name) for f in fields(Limits) if hasattr(section, f.name)})
+        return cls(limits, workers=getattr(section, "workers", None),
+                   min_isolation=getattr(section, "min_isolation", "rlimits"), **kwargs)
 
     # -- start-up --------------------------------------------------------------------------------------
     def _new_worker(self, index: int, spec: LaunchSpec) -> Worker:

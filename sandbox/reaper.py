@@ -38,8 +38,9 @@ def _sweep(timeout_s: float = 5.0) -> bool:
     while time.monotonic() < end:
         try:
             os.kill(-1, signal.SIGKILL)  # everyone in this pid namespace but us
-        except ProcessLookupError:
-            pass
+        except ProcessLookupError:  # nobody to signal: nothing alive, only zombies of ours could remain
+            _reap()
+            return True
         _reap()
         if not _others():
             return True

@@ -171,6 +171,11 @@ def test_limits_field_names_match_the_config_section():
 
     cfg = SandboxConfig()
     assert Limits(**cfg.model_dump(exclude={"workers", "min_isolation"})) == Limits()
+    custom = SandboxConfig(timeout_s=2.5, memory_mb=300, preimport=["math"], workers=1)
+    with SandboxPool.from_config(custom) as p:
+        assert (p.limits.timeout_s, p.limits.memory_mb, p.limits.preimport, p.workers) == (2.5, 300, ("math",), 1)
+        assert p.report.preimported == ("math",)
+        assert p.run("print(1)").stdout == "1\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -458,3 +463,54 @@ def test_doctor_reports_every_mechanism():
     assert f"isolation level: {report['level']}" in human.stdout
     for name, mech in report["mechanisms"].items():
         assert f"[{'on ' if mech['active'] else 'off'}] {name}" in human.stdout
+
+
+@pytest.mark.slow
+def test_pool_inside_a_ray_actor():
+    """A Ray actor process owns its pool (workers are spawned from the actor's long-lived threads) and
+    serves concurrent actor calls; runaway code there is contained the same way."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        @ray.remote(max_concurrency=4)
+        class Tool:
+            def __init__(self):
+                from sandbox import Limits as L, SandboxPool as P
+
+                self.pool = P(L(timeout_s=2, cpu_time_s=2), workers=2)
+
+            def run(self, codes):
+                return [(r.status.value, r.stdout) for r in self.pool.run_many(codes)]
+
+            def isolation(self):
+                return self.pool.isolation
+
+        tool = Tool.remote()
+        batches = ray.get([tool.run.remote([f"print({i})", "while True:\n    pass"]) for i in range(3)])
+        assert batches == [[("ok", f"{i}\n"), ("timeout", "")] for i in range(3)]
+        assert ray.get(tool.isolation.remote()) in sandbox.ISOLATION_LEVELS
+    finally:
+        ray.shutdown()
+
+
+def test_sandbox_dies_with_the_pool_process():
+    """SIGKILL the process that owns a pool: every launcher, jail, template and snippet goes with it."""
+    import subprocess
+
+    script = ("import sys, time\nfrom sandbox import SandboxPool\np = SandboxPool(workers=1)\n"
+              "print(p.worker_processes()[0], flush=True)\n"
+              "p.run('import time; time.sleep(60)', timeout_s=60)\n")
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    idle_tree = [int(p) for p in owner.stdout.readline().strip("[]\n").split(",")]
+    deadline = time.monotonic() + 20
+    while len(_descendants(owner.pid)) <= len(idle_tree) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the call's snippet exists
+    tree = sorted(_descendants(owner.pid))
+    assert len(tree) > len(idle_tree)
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in tree if os.path.exists(f"/proc/{p}")]
+    assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in alive]
