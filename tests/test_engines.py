@@ -220,15 +220,20 @@ def test_adapter_swap_changes_output(engine, reference, prompts, tmp_path_factor
 def test_full_weights_update_in_place(engine, reference, prompts):
     params = _greedy(max_tokens=16)
     before = engine.generate(prompts, params)
-    norm = reference.state_dict()["model.norm.weight"]
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    norm = state["model.norm.weight"].clone()
     torch.manual_seed(0)
-    engine.update_weights(FullWeightsUpdate(state_dict={"model.norm.weight": norm * (1 + torch.rand_like(norm))}, version=1))
+    state["model.norm.weight"] = norm * (1 + torch.rand_like(norm))
+    engine.update_weights(FullWeightsUpdate(state_dict=state, version=1))
     changed = engine.generate(prompts, params)
-    engine.update_weights(FullWeightsUpdate(state_dict={"model.norm.weight": norm.clone()}, version=2))
+    state["model.norm.weight"] = norm
+    engine.update_weights(FullWeightsUpdate(state_dict=state, version=2))
     restored = engine.generate(prompts, params)
     ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
     assert ids(changed) != ids(before)
     assert ids(restored) == ids(before)
+    with pytest.raises(KeyError):
+        engine.update_weights(FullWeightsUpdate(state_dict={"no.such.weight": norm}, version=3))
 
 
 def test_bad_requests_fail_clearly(engine, prompts):
@@ -243,11 +248,19 @@ def test_bad_requests_fail_clearly(engine, prompts):
 
 
 def test_close_then_restart(engine, backend, prompts):
-    """Runs last in the module: closes the shared engine, then a fresh one must work."""
+    """Runs last in the module: closing frees the engine (no child processes left), a fresh one works."""
+    import psutil
+
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(prompts, _greedy())
     gc.collect()
+    leftover = [
+        " ".join(p.cmdline())
+        for p in psutil.Process().children(recursive=True)
+        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert leftover == []
     fresh = make_engine(MODEL, _engine_cfg(backend), seed=0)
     try:
         out = fresh.generate(prompts, _greedy(max_tokens=8))
