@@ -9,10 +9,12 @@ sandbox, HumanEval-style.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Optional, Sequence
@@ -22,6 +24,7 @@ import typer
 from selfplay.benchmarks import Benchmark, BenchmarkItem, code_check_program, extract_code, load_benchmark
 from selfplay.config import EvalConfig, ExecutorConfig, RunConfig
 
+log = logging.getLogger(__name__)
 ANSWER_COLUMNS = ("question_id", "sample_index", "answer", "correct", "tool_calls", "text")
 
 
@@ -72,7 +75,8 @@ def compute_metrics(records: Iterable[dict[str, Any]], same: Callable[[str, str]
     pass@k: the same estimator at k = the smallest per-item sample count (k > 1 only).
     maj@k (math only): share of items whose majority answer is correct.
     tool_calls_mean: mean tool calls per sample; answered: share of samples with an extracted answer.
-    pass@1/<category>: pass@1 within each category, when records carry one (the generated benchmark).
+    pass@1/<category>, pass@1/level<N>: pass@1 within each category and level, when records carry them
+    (the generated benchmark).
     """
     items: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -101,12 +105,14 @@ def compute_metrics(records: Iterable[dict[str, Any]], same: Callable[[str, str]
             idx = majority_index([r["answer"] for r in rows], same)
             votes.append(idx is not None and bool(rows[idx]["correct"]))
         out[f"maj@{k}"] = statistics.fmean(float(v) for v in votes)
-    by_category: dict[str, list[float]] = defaultdict(list)
+    groups: dict[str, list[float]] = defaultdict(list)
     for qid, rows in items.items():
         if rows[0].get("category") is not None:
-            by_category[str(rows[0]["category"])].append(per_item[qid])
-    for cat, scores in sorted(by_category.items()):
-        out[f"pass@1/{cat}"] = statistics.fmean(scores)
+            groups[str(rows[0]["category"])].append(per_item[qid])
+        if rows[0].get("level") is not None:
+            groups[f"level{rows[0]['level']}"].append(per_item[qid])
+    for group, scores in sorted(groups.items()):
+        out[f"pass@1/{group}"] = statistics.fmean(scores)
     return out
 
 
@@ -181,10 +187,14 @@ def score_rollouts(items: Sequence[BenchmarkItem], groups: Sequence[Sequence[Any
                 **{k: item.meta[k] for k in ("category", "level") if k in item.meta},
             })
     if programs:
-        results = run_many([p for _, p in programs])
+        try:
+            results = list(run_many([p for _, p in programs]))
+        except Exception:  # a broken sandbox scores these samples wrong; it does not end the evaluation
+            log.exception("sandbox failed on %d code checks; counted as failures", len(programs))
+            results = [None] * len(programs)
         for (idx, _), res in zip(programs, results):
-            records[idx]["correct"] = bool(getattr(res, "exit_code", None) == 0 and
-                                           str(getattr(res.status, "value", res.status)) == "ok")
+            records[idx]["correct"] = res is not None and res.exit_code == 0 and \
+                str(getattr(res.status, "value", res.status)) == "ok"
     return records
 
 
@@ -210,12 +220,6 @@ def _open_sandbox(run_cfg: RunConfig) -> Any:
 
     limits = Limits(**run_cfg.sandbox.model_dump(exclude={"workers", "min_isolation"}))
     return SandboxPool(limits=limits, workers=run_cfg.sandbox.workers, min_isolation=run_cfg.sandbox.min_isolation)
-
-
-def _close(obj: Any) -> None:
-    close = getattr(obj, "close", None)
-    if callable(close):
-        close()
 
 
 def _run_with_progress(bench: Benchmark, executor: Any, verifier: Any, samples: int, adapter: str | None,
@@ -292,10 +296,11 @@ def evaluate(model: str = "embedded", benchmark: str = "generated", adapter: str
     exec_cfg = eval_executor_config(run_cfg.executor, tools, samples, temperature)
     out_dir = Path(out) if out is not None else _default_out(bench.name, tools)
     started = time.time()
-    engine = make_engine(run_cfg.model, run_cfg.engine, seed=run_cfg.seed)
-    sandbox = _open_sandbox(run_cfg)
-    verifier = Verifier(run_cfg.verifier)
-    try:
+    with ExitStack() as stack:  # whatever started is closed, also when a later part fails to start
+        engine = make_engine(run_cfg.model, run_cfg.engine, seed=run_cfg.seed)
+        stack.callback(engine.close)
+        sandbox = stack.enter_context(_open_sandbox(run_cfg))
+        verifier = stack.enter_context(Verifier(run_cfg.verifier))
         adapter_name = None
         if adapter_dir is not None:
             adapter_name = "executor"
@@ -305,10 +310,6 @@ def evaluate(model: str = "embedded", benchmark: str = "generated", adapter: str
         records = _run_with_progress(bench, executor, verifier, samples, adapter_name,
                                      run_cfg.engine.max_batch_size, progress)
         metrics = compute_metrics(records, same=verifier.same, check=bench.check)
-    finally:
-        verifier.close()
-        _close(sandbox)
-        engine.close()
     finished = time.time()
     config = {"model": model, "adapter": str(adapter_dir) if adapter_dir else None, "backend": backend,
               "benchmark": bench.name, "benchmark_source": bench.source, "check": bench.check, "fields": fields,

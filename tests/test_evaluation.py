@@ -64,12 +64,15 @@ def test_metrics_on_a_hand_made_answers_file(tmp_path):
 
 
 def test_pass_at_2_and_categories():
-    rows = [rec("a", i, str(i), i == 0, category="x") for i in range(4)]  # 1 of 4 correct
-    rows += [rec("b", i, "1", False, category="y") for i in range(4)]
+    rows = [rec("a", i, str(i), i == 0, category="x", level=1) for i in range(4)]  # 1 of 4 correct
+    rows += [rec("b", i, "1", False, category="y", level=1) for i in range(4)]
+    rows += [rec("c", i, "1", True, category="y", level=2) for i in range(4)]  # 4 of 4
     m = compute_metrics(rows)
-    # item a: pass@4 = 1; item b: 0 -> 0.5. pass@1 per category: x = 1/4, y = 0
-    assert m["pass@4"] == pytest.approx(0.5)
-    assert m["pass@1/x"] == pytest.approx(0.25) and m["pass@1/y"] == 0.0
+    # pass@4: a = 1, b = 0, c = 1 -> 2/3. pass@1 per category: x = 1/4, y = mean(0, 1) = 1/2;
+    # per level: level1 = mean(1/4, 0) = 1/8, level2 = 1
+    assert m["pass@4"] == pytest.approx(2 / 3)
+    assert m["pass@1/x"] == pytest.approx(0.25) and m["pass@1/y"] == pytest.approx(0.5)
+    assert m["pass@1/level1"] == pytest.approx(0.125) and m["pass@1/level2"] == 1.0
     # pass@2 from the estimator on a (n=4, c=1): 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
 
@@ -134,6 +137,17 @@ def test_code_item_correct_passes_and_wrong_fails_in_the_sandbox(pool, verifier)
     records = score_rollouts([item], groups, verifier, pool.run_many)
     assert [r["correct"] for r in records] == [True, False, True, False, False]
     assert records[4]["answer"] is None and records[0]["tool_calls"] == 1
+
+
+def test_broken_sandbox_scores_code_wrong_without_crashing(verifier):
+    from sandbox import Limits, SandboxPool
+
+    item = BenchmarkItem("P/1", "code", "q", prompt="def f():\n", tests="def check(c):\n    assert c() == 1\n",
+                         entry_point="f")
+    closed = SandboxPool(Limits(timeout_s=5), workers=1)
+    closed.close()  # run_many now raises SandboxClosedError
+    records = score_rollouts([item], [[reply("```python\ndef f():\n    return 1\n```")]], verifier, closed.run_many)
+    assert records[0]["correct"] is False and records[0]["answer"] is not None
 
 
 def test_math_items_scored_by_verifier_equivalence(verifier, pool):
