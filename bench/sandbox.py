@@ -2,7 +2,9 @@
 
 Baseline: a fresh `python3 -I -c` subprocess per call that applies the same rlimits before running the code
 (what a tool runtime without a warm template does). Both sides run the same snippets; the table reports
-calls/s (serial and concurrent) and p50/p99 latency, and the sandbox/baseline ratios.
+calls/s (serial and concurrent), p50/p99 latency, the sandbox/baseline ratios, and CPU per call summed
+over every process involved (baseline: its reaped children; sandbox: the workers' process trees moved
+into a cgroup v1 cpuacct group when we may make one), which shared or busy machines do not distort.
 
     .venv/bin/python bench/sandbox.py                # defaults: 200 trivial calls, 60 numpy+sympy calls
     .venv/bin/python bench/sandbox.py --calls 100 --heavy-calls 30 --workers 4
@@ -10,7 +12,9 @@ calls/s (serial and concurrent) and p50/p99 latency, and the sandbox/baseline ra
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,21 +64,73 @@ def sandbox_call(pool: SandboxPool, code: str) -> tuple[float, str]:
     return took, r.stdout
 
 
-def measure(call, n: int, concurrency: int) -> dict:
+class CpuMeter:
+    """CPU seconds used by a set of process trees: a cpuacct cgroup (v1, root) they are moved into."""
+
+    def __init__(self, pids: list[int]):
+        self.dir = f"/sys/fs/cgroup/cpuacct/sandbox-bench-{os.getpid()}"
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            for pid in pids:
+                with open(f"{self.dir}/cgroup.procs", "w") as f:
+                    f.write(str(pid))
+        except OSError:
+            self.dir = None
+
+    def seconds(self) -> float | None:
+        if self.dir is None:
+            return None
+        with open(f"{self.dir}/cpuacct.usage") as f:
+            return int(f.read()) / 1e9
+
+    def close(self) -> None:
+        if self.dir is None:
+            return
+        with open(f"{self.dir}/cgroup.procs") as f:
+            pids = f.read().split()
+        for pid in pids:  # back to the parent group, so the directory can go
+            try:
+                with open("/sys/fs/cgroup/cpuacct/cgroup.procs", "w") as f:
+                    f.write(pid)
+            except OSError:
+                pass
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def measure(call, n: int, concurrency: int, cpu=None) -> dict:
     """Serial: n calls in a row (latency percentiles, calls/s). Concurrent: n calls from `concurrency` threads."""
     call()  # warm-up (page cache, first fork)
     lat = []
+    cpu0 = cpu() if cpu else None
     t = time.perf_counter()
     for _ in range(n):
         lat.append(call()[0])
     serial_s = time.perf_counter() - t
+    cpu_ms = 1000 * (cpu() - cpu0) / n if cpu and cpu0 is not None else None
     with ThreadPoolExecutor(concurrency) as ex:
         t = time.perf_counter()
         list(ex.map(lambda _: call(), range(n)))
         concurrent_s = time.perf_counter() - t
     lat.sort()
     return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "serial_cps": n / serial_s, "concurrent_cps": n / concurrent_s}
+            "serial_cps": n / serial_s, "concurrent_cps": n / concurrent_s, "cpu_ms": cpu_ms}
 
 
 def main() -> None:
@@ -90,21 +146,28 @@ def main() -> None:
         print(f"# sandbox bench: {os.cpu_count()} cores, load {load:.1f}, {workers} workers, "
               f"isolation={pool.isolation}")
         print(f"# {pool.report.summary()}\n")
+        meter = CpuMeter([pid for tree in pool.worker_processes().values() for pid in tree])
+        sandbox_cpu = (lambda: meter.seconds() + self_cpu()) if meter.seconds() is not None else None
         rows = []
-        for name, code in SNIPPETS.items():
-            n = args.calls if name == "trivial" else args.heavy_calls
-            sb = measure(lambda: sandbox_call(pool, code), n, workers)
-            nv = measure(lambda: naive_call(code, limits), n, workers)
-            rows.append((name, sb, nv))
-    print("| snippet | runtime | p50 ms | p99 ms | serial calls/s | concurrent calls/s |")
-    print("|---|---|---|---|---|---|")
+        try:
+            for name, code in SNIPPETS.items():
+                n = args.calls if name == "trivial" else args.heavy_calls
+                sb = measure(functools.partial(sandbox_call, pool, code), n, workers, sandbox_cpu)
+                nv = measure(functools.partial(naive_call, code, limits), n, workers,
+                             lambda: children_cpu() + self_cpu())
+                rows.append((name, sb, nv))
+        finally:
+            meter.close()
+    print("| snippet | runtime | p50 ms | p99 ms | serial calls/s | concurrent calls/s | CPU ms/call |")
+    print("|---|---|---|---|---|---|---|")
     for name, sb, nv in rows:
         for label, m in (("sandbox", sb), ("fresh python3 -c", nv)):
             print(f"| {name} | {label} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['serial_cps']:.1f} | "
-                  f"{m['concurrent_cps']:.1f} |")
+                  f"{m['concurrent_cps']:.1f} | {fmt(m['cpu_ms'])} |")
+        cpu_ratio = f"{nv['cpu_ms'] / sb['cpu_ms']:.1f}x less" if sb["cpu_ms"] and nv["cpu_ms"] else "n/a"
         print(f"| {name} | **ratio** | {nv['p50_ms'] / sb['p50_ms']:.1f}x faster | "
               f"{nv['p99_ms'] / sb['p99_ms']:.1f}x faster | {sb['serial_cps'] / nv['serial_cps']:.1f}x | "
-              f"{sb['concurrent_cps'] / nv['concurrent_cps']:.1f}x |")
+              f"{sb['concurrent_cps'] / nv['concurrent_cps']:.1f}x | {cpu_ratio} |")
     print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}")
 
 

@@ -20,7 +20,8 @@ _EXPORTS = {
     "IsolationError": "sandbox.types", "IsolationReport": "sandbox.types", "Limits": "sandbox.types",
     "Mechanism": "sandbox.types", "SandboxClosedError": "sandbox.types",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["ISOLATION_LEVELS", "ExecResult", "ExecStatus", "IsolationError", "IsolationReport", "Limits", "Mechanism",
+           "SandboxClosedError", "SandboxPool", "arun", "arun_many", "default_pool", "run", "run_many"]
 
 
 def __getattr__(name: str):

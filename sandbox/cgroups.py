@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+
 def _own_paths() -> dict[str, str]:
     """controller ('memory', 'pids', '' for v2) -> our cgroup path, from /proc/self/cgroup."""
     out: dict[str, str] = {}
@@ -141,7 +142,7 @@ class CgroupTree:
         self.detail = f"cgroup v{version} memory+pids per worker under {memory_base}"
 
     @classmethod
-    def create(cls) -> tuple["CgroupTree | None", str]:
+    def create(cls) -> tuple[CgroupTree | None, str]:
         """The tree, or None and the reason no cgroup can be made here."""
         name = f"selfplay-sandbox-{os.getpid()}-{secrets.token_hex(3)}"
         reasons = []

@@ -102,7 +102,7 @@ class LaunchSpec:
     scratch_mb: int = 1096  # size cap of the jail's /tmp (one call's scratch at a time)
 
     @classmethod
-    def for_host(cls, preimport, disable, workdir: str | None = None, scratch_mb: int = 1096) -> "LaunchSpec":
+    def for_host(cls, preimport, disable, workdir: str | None = None, scratch_mb: int = 1096) -> LaunchSpec:
         root = os.geteuid() == 0
         bwrap = None if "bwrap" in disable else bwrap_binary()
         return cls(jail=bwrap is not None, preimport=list(preimport), disable=list(disable), bwrap=bwrap,

@@ -20,6 +20,7 @@ import time
 
 from sandbox import linux, reaper, snippet
 
+
 def write_files(root: str, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         path = os.path.normpath(os.path.join(root, name))

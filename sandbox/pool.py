@@ -16,14 +16,22 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
-from typing import Mapping, Sequence
 
 from sandbox.cgroups import CgroupTree
 from sandbox.launch import LaunchSpec, python_paths, reachable_by_others
-from sandbox.types import (ExecResult, ExecStatus, IsolationError, IsolationReport, Limits, Mechanism,
-                           SandboxClosedError, level_rank)
+from sandbox.types import (
+    ExecResult,
+    ExecStatus,
+    IsolationError,
+    IsolationReport,
+    Limits,
+    Mechanism,
+    SandboxClosedError,
+    level_rank,
+)
 from sandbox.worker import Worker, WorkerStartError
 
 log = logging.getLogger("sandbox")
@@ -114,7 +122,7 @@ class SandboxPool:
                 log.warning("sandbox mechanism %s inactive: %s", name, mech.detail)
 
     @classmethod
-    def from_config(cls, section, **kwargs) -> "SandboxPool":
+    def from_config(cls, section, **kwargs) -> SandboxPool:
         """From `selfplay.config.SandboxConfig` (or anything with the same attribute names), without this
         package importing selfplay: Limits fields, plus `workers` and `min_isolation`."""
         limits = Limits(**{f.name: getattr(section, f.name) for f in fields(Limits) if hasattr(section, f.name)})
@@ -318,7 +326,7 @@ class SandboxPool:
             self._cgroups.remove()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "SandboxPool":
+    def __enter__(self) -> SandboxPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,11 +1,14 @@
-"""The last fork: confine this process, then run the untrusted code as `__main__`.
+"""The forked child of one call: confine this process, then run the untrusted code as `__main__`.
 
-Everything is kept cheap for a forked child: each page it writes is a copy (~4 us here), so work that
-can happen before the fork does (RNG reseed, prepared ctypes structs and BPF). Every import is at module level: the template imports them before it drops privileges (in the fallback
-mode the interpreter's own files may be unreadable afterwards). Confinement order matters: file descriptors and environment first (nothing of the template leaks), then
+Confinement order matters: file descriptors and environment first (nothing of the template leaks), then
 rlimits, then capabilities, no_new_privs, Landlock, seccomp (seccomp last, it forbids what came before).
 If any step the pool promised fails, the code does not run: the process exits with SETUP_FAILED and the
-monitor reports `sandbox_error`. Nothing ever runs with less isolation than the start-up report says.
+template reports `sandbox_error`. Nothing ever runs with less isolation than the start-up report says.
+
+Everything here is kept cheap: each page a forked child writes is a copy (~4 us on this machine), so what
+can happen before the fork does (RNG reseed, prepared ctypes structs and BPF). Every import is at module
+level, so the template imports it before it drops privileges (in the fallback mode the interpreter's own
+files may be unreadable afterwards).
 """
 from __future__ import annotations
 

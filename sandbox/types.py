@@ -7,8 +7,8 @@ and what isolation the host gave us (`IsolationReport`).
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 # Ordered from weakest to strongest; `min_isolation` names one of these.
 ISOLATION_LEVELS = ("rlimits", "namespaces", "full")

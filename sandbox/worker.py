@@ -169,7 +169,7 @@ class Worker:
                 self._set_cgroup_limits(limits)
                 oom_before = self.slot.oom_kills()
             deadline = started + limits.timeout_s + self.hang_grace_s + len(blobs[0]) / 20e6
-            protocol.send(self.sock, dict(header, id=self._calls, backstop_s=self.hang_grace_s / 2), blobs,
+            protocol.send(self.sock, dict(header, id=self._calls), blobs,
                           deadline=deadline)
             head, payload = protocol.recv(self.sock, deadline=deadline, max_blob_bytes=limits.max_output_bytes)
             if head.get("id") != self._calls or len(payload) != 2:

@@ -27,6 +27,7 @@ import sys
 
 from sandbox import landlock, linux, monitor, protocol, reaper, seccomp
 
+
 def _drop_privileges(cfg: dict) -> None:
     uid, gid = cfg.get("uid"), cfg.get("gid")
     if uid is None or os.getuid() != 0:
@@ -45,7 +46,7 @@ COMPANIONS = {"numpy": ("numpy.random", "numpy.fft", "numpy.polynomial")}
 
 def _preimport(names: list[str]) -> tuple[list[str], dict[str, str]]:
     done, failed = [], {}
-    for name in [n for name in names for n in (name, *COMPANIONS.get(name, ()))]:
+    for name in [mod for top in names for mod in (top, *COMPANIONS.get(top, ()))]:
         try:
             importlib.import_module(name)
             done.append(name)
@@ -64,7 +65,7 @@ def _probe(fn) -> str | None:
             a.close()
             fn()
         except BaseException as e:  # noqa: BLE001
-            err = f"{type(e).__name__}: {e}" or "failed"
+            err = f"{type(e).__name__}: {e}"
         try:
             b.sendall(err.encode() or b"ok")
         finally:
@@ -88,7 +89,7 @@ def _probe(fn) -> str | None:
 
 def _probe_namespaces(uid: int, gid: int) -> None:
     monitor.enter_namespaces(uid, gid)
-    pid1, sock = reaper.start()
+    _, sock = reaper.start()
     pid = os.fork()
     if pid == 0:
         os._exit(0 if os.getpid() == 2 and os.getppid() == 0 else 3)
@@ -145,14 +146,17 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
         try:
             abi = landlock.abi_version()
             fd = landlock.build_high(read, write)
-            err = _probe(lambda: (linux.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1), landlock.restrict_self(fd, linux.libc)))
+            err = _probe(lambda: (linux.prctl(seccomp.PR_SET_NO_NEW_PRIVS, 1),
+                                  landlock.restrict_self(fd, linux.libc)))
             if err is None:
                 ctx["landlock_fd"] = fd
             else:
                 os.close(fd)
             scope = "signals+abstract sockets scoped" if abi >= 6 else "no signal scoping (ABI < 6)"
-            what = "read-only jail, write only /tmp" if cfg["jail"] else "read-only system+python paths, write only scratch"
-            mech["landlock"] = [err is None, err or f"ABI {abi}: {what}; TCP {'denied' if abi >= 4 else 'not covered'}; {scope}"]
+            what = ("read-only jail, write only /tmp" if cfg["jail"]
+                    else "read-only system+python paths, write only scratch")
+            tcp = "denied" if abi >= 4 else "not covered"
+            mech["landlock"] = [err is None, err or f"ABI {abi}: {what}; TCP {tcp}; {scope}"]
         except (landlock.LandlockUnavailable, OSError) as e:
             mech["landlock"] = [False, str(e)]
     if "seccomp" in disabled:
@@ -172,8 +176,8 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
 
 
 def _scratch_root(cfg: dict) -> str:
-    """Where per-call scratch dirs go when there is no per-call tmpfs: the jail's own /tmp, else the slot dir
-    the pool made for us."""
+    """Where per-call scratch dirs go when a call does not own the jail's whole /tmp: the jail's /tmp
+    (jail without namespaces), else the slot dir the pool made for us (fallback mode)."""
     return cfg["scratch_root"] or "/tmp"
 
 
@@ -201,8 +205,8 @@ def _wipe(path: str) -> None:
 
 def _execute(header: dict, blobs: list[bytes], ctx: dict, cfg: dict, number: int) -> tuple[dict, list[bytes]]:
     names = header.get("files", [])
-    call = {"code": blobs[0].decode("utf-8", "surrogatepass"), "stdin": blobs[1] if header.get("stdin") else None,
-            "files": dict(zip(names, blobs[2:])), "limits": header["limits"]}
+    call = {"code": blobs[0].decode("utf-8", "surrogatepass"), "files": dict(zip(names, blobs[2:], strict=True)),
+            "stdin": blobs[1] if header.get("stdin") else None, "limits": header["limits"]}
     shared_tmp = ctx["namespaces"]  # jail: the call owns the worker's whole /tmp
     if shared_tmp:
         call["scratch"] = "/tmp"
@@ -229,9 +233,6 @@ def serve(ctrl: socket.socket, ctx: dict, cfg: dict) -> None:
         except (EOFError, ConnectionError):
             return  # the pool closed or died: nothing else to do
         number += 1
-        if header.get("type") == "ping":
-            protocol.send(ctrl, {"type": "pong", "id": header.get("id")})
-            continue
         try:
             head, out = _execute(header, blobs, ctx, cfg, number)
         except BaseException as e:  # noqa: BLE001 - our state is suspect now: report, then let the pool replace us
@@ -267,6 +268,6 @@ def main(config_json: str) -> None:
     ctx["wake_fd"] = wake_r
     gc.collect()
     gc.freeze()  # children never scan (and so never copy-on-write) the template's objects
-    protocol.send(ctrl, {"type": "hello", "pid": os.getpid(), "uid": os.getuid(), "mechanisms": mech,
+    protocol.send(ctrl, {"type": "hello", "uid": os.getuid(), "mechanisms": mech,
                          "preimported": done, "preimport_failed": failed, "python": sys.version.split()[0]})
     serve(ctrl, ctx, cfg)

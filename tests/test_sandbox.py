@@ -190,7 +190,7 @@ def test_runaway_code_is_killed_at_the_wall_clock(pool):
         "reads stdin forever": "import sys\nwhile True:\n    sys.stdin.read()",
     }
     results = pool.run_many(list(codes.values()), stdin="x" * 1_000_000)
-    for name, r in zip(codes, results):
+    for name, r in zip(codes, results, strict=True):
         assert r.status is ExecStatus.TIMEOUT, (name, r)
         assert r.exit_code is None and r.duration_s < LIMITS.timeout_s + 4, (name, r.duration_s)
 
@@ -238,7 +238,8 @@ def test_host_secrets_are_unreadable(pool, tmp_path):
             f"for path in {targets!r} + glob.glob('/proc/*/environ'):\n"
             "    try:\n        print(path, open(path, 'rb').read()[:2000])\n"
             "    except OSError as e:\n        print(path, 'denied', type(e).__name__)\n"
-            f"print(dict(os.environ))\nhome = {str(Path.home())!r}\nprint('home:', os.listdir(home) if os.path.isdir(home) else '-')\n"
+            f"print(dict(os.environ))\nhome = {str(Path.home())!r}\n"
+            "print('home:', os.listdir(home) if os.path.isdir(home) else '-')\n"
         )
         r = pool.run(code)
     finally:
@@ -255,11 +256,11 @@ def test_host_secrets_are_unreadable(pool, tmp_path):
 
 
 def test_writes_outside_scratch_do_not_land(pool, tmp_path):
-    targets = [str(REPO / f"sbx-pwned-{secrets.token_hex(3)}"), str(Path.home() / f"sbx-pwned-{secrets.token_hex(3)}"),
-               str(tmp_path / "pwned"), "/usr/sbx-pwned", "/etc/sbx-pwned", f"/dev/shm/sbx-pwned-{secrets.token_hex(3)}",
-               "/tmp/../sbx-pwned"]
-    code = (f"for path in {targets!r}:\n    try:\n        open(path, 'w').write('pwned')\n        print('wrote', path)\n"
-            "    except OSError as e:\n        print('denied', path)\n")
+    tag = secrets.token_hex(3)
+    targets = [str(REPO / f"sbx-pwned-{tag}"), str(Path.home() / f"sbx-pwned-{tag}"), str(tmp_path / "pwned"),
+               "/usr/sbx-pwned", "/etc/sbx-pwned", f"/dev/shm/sbx-pwned-{tag}", "/tmp/../sbx-pwned"]
+    code = (f"for path in {targets!r}:\n    try:\n        open(path, 'w').write('pwned')\n"
+            "        print('wrote', path)\n    except OSError as e:\n        print('denied', path)\n")
     r = pool.run(code)
     assert r.status is ExecStatus.OK, r.stderr
     for target in targets:
@@ -354,7 +355,8 @@ def test_ten_megabyte_source(pool):
 
 
 def test_monkeypatching_does_not_carry_over(pool):
-    pool.run_many(["import builtins, math\nbuiltins.print = None\nmath.pi = 3\nimport sys\nsys.modules['json'] = 1"] * 2)
+    patch = "import builtins, math, sys\nbuiltins.print = None\nmath.pi = 3\nsys.modules['json'] = 1"
+    pool.run_many([patch] * 2)
     r = pool.run("import math, json\nprint(math.pi, json.dumps([1]))")
     assert r.stdout == f"{3.141592653589793} [1]\n"
 
@@ -475,7 +477,8 @@ def test_pool_inside_a_ray_actor():
         @ray.remote(max_concurrency=4)
         class Tool:
             def __init__(self):
-                from sandbox import Limits as L, SandboxPool as P
+                from sandbox import Limits as L
+                from sandbox import SandboxPool as P
 
                 self.pool = P(L(timeout_s=2, cpu_time_s=2), workers=2)
 

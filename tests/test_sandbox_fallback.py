@@ -83,9 +83,11 @@ def test_fallback_hides_secrets_and_blocks_writes(plain_pool, tmp_path):
 
 def test_fallback_blocks_network_and_signals(plain_pool):
     r = plain_pool.run(
-        "import socket, os\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n    print('CONNECTED')\n"
+        "import socket, os\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+        "    print('CONNECTED')\n"
         "except OSError:\n    print('no network')\n"
-        f"try:\n    os.kill({os.getpid()}, 0)\n    print('CAN SIGNAL PARENT')\nexcept OSError:\n    print('no signal')\n")
+        f"try:\n    os.kill({os.getpid()}, 0)\n    print('CAN SIGNAL PARENT')\n"
+        "except OSError:\n    print('no signal')\n")
     mech = plain_pool.report.mechanisms
     if mech["seccomp"].active or mech["landlock"].active:
         assert "no network" in r.stdout, r
