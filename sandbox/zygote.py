@@ -19,7 +19,7 @@ import gc
 import importlib
 import json
 import os
-import shutil
+import secrets
 import signal
 import socket
 import stat
@@ -181,26 +181,28 @@ def _scratch_root(cfg: dict) -> str:
     return cfg["scratch_root"] or "/tmp"
 
 
-def _remove_tree(path: str) -> None:
-    def fix(func, p, _exc):  # the snippet may have chmod-ed its own dirs to 000
-        try:
-            os.chmod(os.path.dirname(p), stat.S_IRWXU)
-            os.chmod(p, stat.S_IRWXU)
-        except OSError:
-            pass
-        func(p)
-
-    shutil.rmtree(path, onerror=fix)
-
-
-def _wipe(path: str) -> None:
-    """Empty a dir the calls share (the jail's /tmp, /dev/shm) so nothing carries over to the next call."""
-    for entry in os.listdir(path):
-        full = os.path.join(path, entry)
-        if os.path.isdir(full) and not os.path.islink(full):
-            _remove_tree(full)
-        else:
-            os.unlink(full)
+def _wipe(root: str) -> None:
+    """Empty `root` (the jail's /tmp and /dev/shm, or a call's scratch dir) whatever the snippet left there:
+    no recursion and no long paths (a snippet can nest directories deeper than any recursion limit or
+    PATH_MAX): each round deletes the files one level down and moves subdirectories up to `root`."""
+    tag = secrets.token_hex(4)
+    moved = 0
+    while entries := os.listdir(root):
+        for name in entries:
+            path = os.path.join(root, name)
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.unlink(path)
+                continue
+            os.chmod(path, stat.S_IRWXU)  # the snippet may have made it unreadable (it is ours: same uid)
+            for sub in os.listdir(path):
+                child = os.path.join(path, sub)
+                if os.path.isdir(child) and not os.path.islink(child):
+                    moved += 1
+                    os.chmod(child, stat.S_IRWXU)  # moving a dir rewrites its "..": needs write access to it
+                    os.rename(child, os.path.join(root, f".wipe-{tag}-{moved}"))
+                else:
+                    os.unlink(child)
+            os.rmdir(path)
 
 
 def _execute(header: dict, blobs: list[bytes], ctx: dict, cfg: dict, number: int) -> tuple[dict, list[bytes]]:
@@ -220,7 +222,8 @@ def _execute(header: dict, blobs: list[bytes], ctx: dict, cfg: dict, number: int
             _wipe("/tmp")
             _wipe("/dev/shm")
         else:
-            _remove_tree(call["scratch"])
+            _wipe(call["scratch"])
+            os.rmdir(call["scratch"])
     out, err = result.pop("stdout"), result.pop("stderr")
     return result, [out, err]
 
@@ -237,7 +240,8 @@ def serve(ctrl: socket.socket, ctx: dict, cfg: dict) -> None:
             head, out = _execute(header, blobs, ctx, cfg, number)
         except BaseException as e:  # noqa: BLE001 - our state is suspect now: report, then let the pool replace us
             res = monitor.fail_result(f"template: {type(e).__name__}: {e}")
-            protocol.send(ctrl, dict(res, id=header.get("id")), [res.pop("stdout"), res.pop("stderr")])
+            blobs = [res.pop("stdout"), res.pop("stderr")]
+            protocol.send(ctrl, dict(res, id=header.get("id")), blobs)
             raise
         protocol.send(ctrl, dict(head, id=header.get("id")), out)
 

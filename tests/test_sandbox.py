@@ -348,6 +348,18 @@ def test_crashes_and_odd_exits(pool):
     assert (r.status, r.exit_code, r.stdout) == (ExecStatus.KILLED, -signal.SIGTERM, "")
 
 
+def test_scratch_litter_is_cleaned(pool):
+    """Deeper than any recursion limit or PATH_MAX, unreadable dirs, fifos, symlinks out of the scratch dir:
+    all gone before the next call, and the worker survives."""
+    litter = ("import os\nos.mkdir('a')\nos.chdir('a')\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
+              "open('deep', 'w').write('x')\nos.chdir('/tmp')\nos.makedirs('locked/inner')\nos.chmod('locked', 0)\n"
+              "os.mkfifo('fifo')\nos.symlink('/usr', 'link')\nos.makedirs('/dev/shm/x/y')\nprint('littered')")
+    r = pool.run(litter, timeout_s=20)
+    assert r.stdout == "littered\n", r
+    after = pool.run_many(["import os; print(sorted(os.listdir('.')), os.listdir('/dev/shm'))"] * 2)
+    assert [x.stdout for x in after] == ["[] []\n"] * 2
+
+
 def test_ten_megabyte_source(pool):
     code = "s = '" + "a" * 10_000_000 + "'\n# " + "b" * 100 + "\nprint(len(s))"
     r = pool.run(code, timeout_s=30)
