@@ -36,7 +36,7 @@ def check(pool: SandboxPool) -> list[tuple[str, bool, str]]:
     out = []
     for name, code, contained in CHECKS:
         t = time.perf_counter()
-        r = pool.run(code, timeout_s=2.0)
+        r = pool.run(code, timeout_s=1.0 if name == "wall clock kill" else 10.0)
         out.append((name, bool(contained(r)), f"{r.status.value} in {1000 * (time.perf_counter() - t):.0f} ms"))
     os.environ.pop("SANDBOX_DOCTOR_CANARY", None)
     return out

@@ -189,10 +189,10 @@ def test_runaway_code_is_killed_at_the_wall_clock(pool):
         "holds stdin": "import sys, time\nsys.stdin.read(1)\ntime.sleep(1000)",
         "reads stdin forever": "import sys\nwhile True:\n    sys.stdin.read()",
     }
-    results = pool.run_many(list(codes.values()), stdin="x" * 1_000_000)
+    results = pool.run_many(list(codes.values()), stdin="x" * 1_000_000, timeout_s=2.0)
     for name, r in zip(codes, results, strict=True):
         assert r.status is ExecStatus.TIMEOUT, (name, r)
-        assert r.exit_code is None and r.duration_s < LIMITS.timeout_s + 4, (name, r.duration_s)
+        assert r.exit_code is None and r.duration_s < 2.0 + 4, (name, r.duration_s)
 
 
 def test_cpu_time_limit_is_a_timeout(pool):
@@ -210,11 +210,11 @@ def test_memory_bombs(pool):
 def test_many_children_are_bounded_by_the_memory_cgroup(pool):
     if not pool.report.mechanisms["cgroup"].active:
         pytest.skip(f"no memory cgroup here: {pool.report.mechanisms['cgroup'].detail}")
-    bomb = ("import os, time\nkids = []\nfor i in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+    bomb = ("import os, time\nkids = []\nfor i in range(5):\n    pid = os.fork()\n    if pid == 0:\n"
             "        b = bytearray(200 * 2 ** 20)\n        for j in range(0, len(b), 4096):\n            b[j] = 1\n"
-            "        time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+            "        time.sleep(0.3)\n        os._exit(0)\n    kids.append(pid)\n"
             "print([os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids])")
-    r = pool.run(bomb, timeout_s=20)  # 8 x 200 MB > the slot's budget (baseline + 512 MB)
+    r = pool.run(bomb, timeout_s=20)  # 5 x 200 MB > the slot's budget (baseline + 512 MB)
     assert r.status is ExecStatus.MEMORY_LIMIT, r
     assert "-9" in r.stdout  # the OOM killer took children, not the template: the call still reported
 
