@@ -144,6 +144,9 @@ class RolloutActor(_Busy):
     def update_weights(self, update: Any) -> dict[str, int]:
         return self.worker.update_weights(update)
 
+    def evaluate(self, iteration: int, out_dir: str) -> dict[str, float]:
+        return self.worker.evaluate(iteration, out_dir)
+
     def pid(self) -> int:
         return os.getpid()
 

@@ -71,7 +71,6 @@ class Driver:
 
         cfg, rd = self.cfg, self.rd
         _setup_logging(rd)
-        self._install_signals()
         state = rd.state()
         done = int(state.get("iteration", 0)) if self.resume else 0
         if self.resume and state.get("status") == "finished" and done >= cfg.loop.iterations:
@@ -104,6 +103,7 @@ class Driver:
                 else:
                     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
                     started_ray = True
+            self._install_signals()  # after ray.init, which installs its own SIGTERM handler
             actors = Actors.start(cfg, rd)
             versions = ray.get(actors.learner.versions.remote())
             ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop)
@@ -117,7 +117,8 @@ class Driver:
                     raise StopRequested()
                 result = run_iteration(ctx, it)
                 if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
-                    result.scalars.update(self._evaluate(ctx))
+                    ctx.on_stage("evaluate")
+                    result.scalars.update(self._evaluate(ctx, it))
                 restarts = restart_counts(rd)
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
                 store.log_tasks(it, result.tasks)
@@ -130,7 +131,10 @@ class Driver:
             status, code = "finished", 0
         except (StopRequested, KeyboardInterrupt):
             status, code = "stopped", 130
-            log.warning("stopped; resume with: selfplay resume %s", rd.root)
+            msg = f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; " \
+                  f"resume with: selfplay resume {rd.root}"
+            log.warning(msg)
+            print(msg, file=sys.stderr)
         except Exception:
             log.exception("run failed")
             raise
@@ -168,12 +172,12 @@ class Driver:
             if hasattr(update, "path"):
                 record_published(self.rd.adapters, role, update.path, update.version)
 
-    def _evaluate(self, ctx: Context) -> dict[str, float]:
-        from selfplay.evaluation import evaluate_during_training
-
+    def _evaluate(self, ctx: Context, iteration: int) -> dict[str, float]:
+        t0 = time.perf_counter()
         try:
-            return evaluate_during_training(ctx)
-        except Exception as e:  # an evaluation bug must not kill a training run
+            scalars = ray.get(ctx.actors.rollout.evaluate.remote(iteration, str(self.rd.root / "eval")))
+        except Exception as e:  # an evaluation bug must not kill a training run: logged, counted, visible
             log.exception("evaluation failed")
-            ctx.rd.event("eval_failed", error=repr(e))
-            return {}
+            ctx.rd.event("eval_failed", iteration=iteration, error=repr(e))
+            return {"faults/eval_failures": 1.0}
+        return {**scalars, "time/eval": time.perf_counter() - t0}

@@ -5,7 +5,6 @@ each formula; docs/losses.md lists them all with their config fields.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch

@@ -44,6 +44,7 @@ class RolloutWorker:
         from selfplay.engines import make_engine
 
         self.cfg = cfg
+        self._verifier = None  # created on the first evaluation
         self.engine = make_engine(cfg.model, cfg.engine, seed=cfg.seed)
         self.proposer = Proposer(self.engine, cfg.proposer)
         self.executor = Executor(self.engine, run_many, cfg.executor, max_model_len=cfg.model.max_model_len,
@@ -63,6 +64,16 @@ class RolloutWorker:
     def solve(self, questions: Sequence[str], task_ids: Sequence[str], n: int) -> list[list[Rollout]]:
         return self.executor.rollout(questions, n=n, task_ids=task_ids, adapter=self._adapter("executor"))
 
+    def evaluate(self, iteration: int, out_dir: str | None = None) -> dict[str, float]:
+        """Held-out evaluation of the executor's current adapter (`eval` section), on this worker's engine."""
+        from roles.verifier import Verifier
+        from selfplay.evaluation import evaluate_during_training
+
+        if self._verifier is None:
+            self._verifier = Verifier(self.cfg.verifier)
+        return evaluate_during_training(self.engine, self.executor, self._verifier, self.cfg.eval,
+                                        iteration=iteration, out_dir=out_dir)
+
     def update_weights(self, update: WeightUpdate) -> dict[str, int]:
         self.engine.update_weights(update)
         return self.engine.adapter_versions
@@ -74,4 +85,6 @@ class RolloutWorker:
         return os.getpid()
 
     def close(self) -> None:
+        if self._verifier is not None:
+            self._verifier.close()
         self.engine.close()
