@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import site
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
-JAIL_LIB = "/run/sandbox-lib"
-THP_DIR = "/sys/kernel/mm/transparent_hugepage"  # where this package is bound read-only inside the jail
+JAIL_LIB = "/run/sandbox-lib"  # where this package is bound read-only inside the jail
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 # Read-only inside the jail (and the read allow-list for Landlock). Nothing from /home, /root, /etc/shadow.
@@ -69,8 +70,6 @@ def python_paths() -> list[str]:
 
 def reachable_by_others(path: str) -> bool:
     """Whether a uid that owns nothing can get to `path` (o+x on every ancestor dir)."""
-    import stat
-
     parts = os.path.abspath(path).split("/")
     for i in range(2, len(parts) + 1):
         try:
@@ -122,11 +121,11 @@ class LaunchSpec:
             os.chmod(target, 0o755)
 
     def read_paths(self) -> list[str]:
-        """What a snippet may read, as paths it sees (Landlock's allow-list)."""
-        base = [p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths()
+        """What a snippet may read, as paths it sees (Landlock's allow-list). In the jail, everything that
+        exists there was put there to be read."""
         if self.jail:
-            return base + [JAIL_LIB, "/proc", "/dev"]
-        return base + [PACKAGE_DIR, "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
+            return ["/"]
+        return [p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths() + [PACKAGE_DIR, "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
                        "/sys/devices/system/cpu"]
 
     def command(self, ctrl_fd: int, scratch_root: str | None, cgroup_procs: list[str]) -> list[str]:

@@ -41,7 +41,7 @@ RESPAWN_ATTEMPTS = 3
 
 
 def default_workers() -> int:
-    """One per usable core (at least 2, at most 32: each template holds numpy+sympy, ~100 MB)."""
+    """One per usable core (at least 2, at most 32: each template holds numpy+sympy, ~70 MB)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -133,7 +133,7 @@ class SandboxPool:
     def _new_worker(self, index: int, spec: LaunchSpec) -> Worker:
         slot = self._cgroups.slot(index) if self._cgroups is not None else None
         scratch = None
-        if not spec.jail:  # with the jail, scratch is a per-call tmpfs that never touches the host disk
+        if not spec.jail:  # in the jail, scratch is the jail's own tmpfs /tmp, never the host disk
             scratch = os.path.join(self.scratch_root, f"slot-{index}")
             os.makedirs(scratch, mode=0o700, exist_ok=True)
             if spec.uid is not None:
@@ -220,10 +220,13 @@ class SandboxPool:
         for attempt in range(RESPAWN_ATTEMPTS):
             if self._closed:
                 return
+            worker = None
             try:
                 worker = self._new_worker(index, self._spec)
                 worker.await_hello(self.start_timeout_s)
             except (WorkerStartError, OSError, RuntimeError) as e:  # RuntimeError: closed mid-restart
+                if worker is not None:
+                    self._discard(worker)
                 if self._closed:
                     return
                 log.error("sandbox: could not restart worker %d (attempt %d): %s", index, attempt + 1, e)

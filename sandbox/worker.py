@@ -20,8 +20,8 @@ from sandbox.types import ExecResult, ExecStatus, Limits
 
 log = logging.getLogger("sandbox")
 MIB = 1024 * 1024
-CGROUP_HEADROOM_MB = 64  # page tables and kernel memory of the monitor/init/snippet forks
-CGROUP_EXTRA_PIDS = 8  # bwrap, its init, the template, the monitor, the call's init
+CGROUP_HEADROOM_MB = 64  # page tables and kernel memory of the snippet's forks, its pipes and sockets
+CGROUP_EXTRA_PIDS = 8  # launcher/bwrap, bwrap's init, the template, pid 1 of the calls' namespace (+ slack)
 
 
 def _children(pid: int) -> list[int]:
@@ -55,8 +55,6 @@ class Worker:
         --die-with-parent follows the thread that forked it."""
         parent, child = socket.socketpair()
         self._errfile = tempfile.TemporaryFile()
-        if self.scratch_root is not None:
-            os.makedirs(self.scratch_root, exist_ok=True)
         cmd = self.spec.command(child.fileno(), self.scratch_root,
                                 self.slot.procs_files if self.slot else [])
         try:
@@ -102,7 +100,7 @@ class Worker:
                 pass
         if self.proc is not None and self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, 9)  # start_new_session: the sh/bwrap/template group
+                os.killpg(self.proc.pid, 9)  # start_new_session: the launcher/bwrap/template group
             except (ProcessLookupError, PermissionError):
                 self.proc.kill()
         if self.proc is not None:

@@ -139,10 +139,8 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
     if "landlock" in disabled:
         mech["landlock"] = [False, "disabled by request"]
     else:
-        if cfg["jail"]:  # everything that exists in the jail is public: read all, write only scratch
-            read, write = ["/"], ["/tmp", "/dev/shm", "/dev/null"]
-        else:
-            read, write = cfg["read_paths"], [_scratch_root(cfg), "/dev/null"]
+        read = cfg["read_paths"]
+        write = ["/tmp", "/dev/shm", "/dev/null"] if cfg["jail"] else [_scratch_root(cfg), "/dev/null"]
         try:
             abi = landlock.abi_version()
             fd = landlock.build_high(read, write)
