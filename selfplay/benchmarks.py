@@ -3,7 +3,7 @@ plus a seeded benchmark the project generates itself with exact answers.
 
 Field mappings are explicit because every hub set names its columns differently (gsm8k `question`/`answer`
 with a "#### 42" tail, MATH-500 `problem`/`answer`, HumanEval `prompt`/`test`/`entry_point`); a wrong guess
-would silently score against the wrong column (R-Zero #31 is an evaluation bug of this kind).
+would silently score against the wrong column; users of self-play repos report evaluation bugs (R-Zero #31).
 """
 from __future__ import annotations
 

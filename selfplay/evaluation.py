@@ -2,7 +2,7 @@
 and without the Python tool, written as a results JSON plus a per-sample Parquet of answers.
 
 Metrics are pure functions of the answers file, so a score can always be recomputed from what was saved
-(R-Zero #31: evaluation bugs you cannot audit). Math answers are checked by the verifier's equivalence
+(users of the anchors report evaluation bugs, R-Zero #31). Math answers are checked by the verifier's equivalence
 (with its timeout: math_verify can hang, R-Zero FAQ); code answers by running the benchmark's tests in the
 sandbox, HumanEval-style.
 """
