@@ -180,8 +180,11 @@ class Actors:
             sched = {role: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
                      for i, role in enumerate(("learner", "rollout"))}
 
+        # Spinning OpenMP threads make torch ~13x slower when two actors share a CPU (docs/bench-rollout.md).
+        env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
+
         def remote(klass: type, role: str | None, **opts: Any):
-            opts = {"num_cpus": 0, **retry, **opts}
+            opts = {"num_cpus": 0, **retry, **env, **opts}
             if role:
                 opts["num_gpus"] = gpus.get(role, 0)
                 if role in sched:
