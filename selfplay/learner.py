@@ -1,0 +1,472 @@
+"""The learner: GRPO-family RL updates for every role on ONE base model (a LoRA adapter per role).
+
+Why it looks like this (docs/learner.md has the long form):
+- Memory: one copy of the base weights; peft adds one adapter per role and `set_adapter(role)` picks the
+  one a step trains; each role has its own AdamW over its own adapter only. The KL reference is the base
+  with adapters disabled (verl does the same: `disable_adapter()`), so there is no second model copy.
+- Compute: the backbone runs once per micro-batch and the LM head only on the hidden states of trained
+  completion tokens (prompt and tool-output positions never reach the [tokens, vocab] matmul; TRL's fused
+  head scores every position off Triton devices). Logits are divided by the sampling temperature (TRL).
+- The proximal ("old") log-probs come free: weights do not change before the epoch's optimizer step, so
+  the first epoch's `logp.detach()` IS old_logp (exact for stale samples too; their behaviour log-probs
+  feed truncated IS in `policy_loss`). ppo_epochs=1 costs one forward+backward per micro-batch, plus one
+  no-grad reference forward when kl_coef > 0.
+- Micro-batches are length-sorted and packed up to `micro_batch_tokens` padded tokens; `policy_loss`
+  gets whole-batch totals, so the summed micro-batch losses are exactly the full-batch loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfplay.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
+                                 write_latest)
+from selfplay.config import LearnerConfig, ModelConfig
+from selfplay.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
+from selfplay.models import default_device, load_causal_lm, resolve_model_path
+from selfplay.types import AdapterUpdate, FullWeightsUpdate, Trajectory
+
+log = logging.getLogger(__name__)
+
+ROLES = ("proposer", "executor")
+SHARED = "shared"  # optimizer key under full fine-tuning: all roles train one set of weights
+
+
+@dataclass
+class MicroBatch:
+    """Tensors for one forward pass. b rows, L = longest prompt+completion, T = longest completion."""
+
+    rows: list[int]  # indices into the step's trajectory list
+    input_ids: Tensor  # [b, L] prompt + completion, right-padded (real tokens never attend to the pads)
+    score_pos: Tensor  # [b, L-1] bool: positions whose NEXT token is a trained completion token
+    labels: Tensor  # [n] those next tokens, row-major
+    temperature: Tensor  # [n] sampling temperature of each scored token's sequence
+    mask: Tensor  # [b, T] 1.0 where a completion token is trained
+    advantages: Tensor  # [b]
+    weights: Tensor | None  # [b]
+    eps_high: Tensor | None  # [b]
+    behaviour_logp: Tensor | None  # [b, T]
+    ref_logp: Tensor | None = None
+    old_logp: Tensor | None = None
+
+
+def pack_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so each group's rows x longest row <= max_tokens (a longer row goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class Learner:
+    """RL updates for the roles of a self-play run; plain class (the Ray actor shell wraps it)."""
+
+    def __init__(self, model_cfg: ModelConfig | None = None, learner_cfg: LearnerConfig | None = None,
+                 roles: Sequence[str] = ROLES, seed: int = 0, device: str | None = None):
+        self.model_cfg = model_cfg or ModelConfig()
+        self.cfg = cfg = learner_cfg or LearnerConfig()
+        self.roles = tuple(roles)
+        if not self.roles or len(set(self.roles)) != len(self.roles):
+            raise ValueError(f"roles must be non-empty and unique, got {self.roles}")
+        self.seed = seed
+        self.device = torch.device(device or default_device())
+        self.lora = cfg.finetune == "lora"
+        cuda = self.device.type == "cuda"
+        self.bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and cuda)
+        _seed_everything(seed)
+
+        path = resolve_model_path(self.model_cfg.name_or_path, self.model_cfg.cache_dir)
+        dtype = self.model_cfg.dtype
+        if not self.lora and dtype == "auto":
+            dtype = "float32"  # full fine-tuning keeps fp32 master weights; bf16 comes from autocast
+        base = load_causal_lm(path, dtype, str(self.device), self.model_cfg.trust_remote_code)
+        base.config.use_cache = False
+        if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda):
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        self._ref_model = None
+        if self.lora:
+            from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+            lc = cfg.lora
+            peft_cfg = PeftLoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                      target_modules=lc.target_modules, task_type="CAUSAL_LM")
+            self.model = get_peft_model(base, peft_cfg, adapter_name=self.roles[0])
+            for role in self.roles[1:]:
+                self.model.add_adapter(role, peft_cfg)
+            groups = {role: [p for n, p in self.model.named_parameters() if _is_adapter_param(n, role)]
+                      for role in self.roles}
+        else:
+            self.model = base
+            if cfg.kl_coef > 0:  # the only case that needs a second copy: a frozen reference
+                import copy
+
+                self._ref_model = copy.deepcopy(base).requires_grad_(False).eval()
+                if cuda:
+                    self._ref_model.to(torch.bfloat16)
+            groups = {SHARED: [p for p in self.model.parameters() if p.requires_grad]}
+        self._params = groups
+        self._optim = {key: self._make_optimizer(params) for key, params in groups.items()}
+        self.step = 0
+        self.policy_version: dict[str, int] = {role: 0 for role in self.roles}
+        self.last_advantages: dict[str, float] = {}  # traj_id -> advantage used by the last train_step
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _make_optimizer(self, params: list[Tensor]):
+        from transformers import get_constant_schedule_with_warmup
+
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        return opt, get_constant_schedule_with_warmup(opt, self.cfg.warmup_steps)
+
+    def _key(self, role: str) -> str:
+        return role if self.lora else SHARED
+
+    def _check_role(self, role: str) -> None:
+        if role not in self.roles:
+            raise ValueError(f"unknown role {role!r}; this learner trains {self.roles}")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    # ------------------------------------------------------------------------------------ log-probs
+    def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+        """[b, T] log-probs of the trained completion tokens (0 elsewhere), and their entropies if asked."""
+        model = model if model is not None else self.model
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        with self._autocast():
+            hidden = hf.base_model(input_ids=mb.input_ids, use_cache=False).last_hidden_state
+            logits = hf.get_output_embeddings()(hidden[:, :-1][mb.score_pos])  # [n, V]: trained tokens only
+        logits = logits.float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        logits = logits / mb.temperature[:, None]
+        logz = logits.logsumexp(-1)
+        flat = logits.gather(-1, mb.labels[:, None]).squeeze(-1) - logz
+        sel = mb.mask.bool()
+        logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                flat_ent = logz - (logits.softmax(-1) * logits).sum(-1)
+                ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
+        return logp, ent
+
+    @torch.no_grad()
+    def _ref_logps(self, mb: MicroBatch) -> Tensor:
+        if self._ref_model is not None:
+            return self._token_logps(mb, model=self._ref_model)[0]
+        if not self.lora:
+            raise ValueError("full fine-tuning keeps a frozen reference copy only when kl_coef > 0")
+        with self.model.disable_adapter():
+            return self._token_logps(mb)[0]
+
+    def _micro_batches(self, trajs: list[Trajectory], adv: list[float], weights: list[float] | None,
+                       eps_high: list[float] | None, temps: list[float], behaviour: bool) -> list[MicroBatch]:
+        lengths = [len(t.prompt_ids) + len(t.completion_ids) for t in trajs]
+        dev = self.device
+        out = []
+        for rows in pack_micro_batches(lengths, self.cfg.micro_batch_tokens):
+            b, L = len(rows), lengths[rows[0]]
+            T = max(1, max(len(trajs[i].completion_ids) for i in rows))
+            ids = np.zeros((b, L), dtype=np.int64)
+            pos = np.zeros((b, L - 1), dtype=bool)
+            mask = np.zeros((b, T), dtype=np.float32)
+            beh = np.zeros((b, T), dtype=np.float32)
+            for j, i in enumerate(rows):
+                t = trajs[i]
+                P, C = len(t.prompt_ids), len(t.completion_ids)
+                ids[j, :P], ids[j, P:P + C] = t.prompt_ids, t.completion_ids
+                lm = np.asarray(t.loss_mask, dtype=bool)
+                pos[j, P - 1:P - 1 + C] = lm
+                mask[j, :C] = lm
+                beh[j, :C] = t.behaviour_logprobs
+            temp = np.repeat(np.asarray([temps[i] for i in rows], dtype=np.float32), pos.sum(1))
+
+            def vec(values):
+                return None if values is None else torch.tensor([values[i] for i in rows], dtype=torch.float32,
+                                                                 device=dev)
+
+            out.append(MicroBatch(
+                rows=rows, input_ids=torch.from_numpy(ids).to(dev), score_pos=torch.from_numpy(pos).to(dev),
+                labels=torch.from_numpy(ids[:, 1:][pos]).to(dev), temperature=torch.from_numpy(temp).to(dev),
+                mask=torch.from_numpy(mask).to(dev), advantages=vec(adv), weights=vec(weights),
+                eps_high=vec(eps_high), behaviour_logp=torch.from_numpy(beh).to(dev) if behaviour else None))
+        return out
+
+    @torch.no_grad()
+    def logprobs(self, role: str, trajectories: Sequence[Trajectory], temperature: float | None = None,
+                 reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of each completion under `role`'s current policy (or the reference), aligned
+        with `behaviour_logprobs` (0.0 where loss_mask is 0): checks that engines serve what was trained."""
+        self._check_role(role)
+        trajs = list(trajectories)
+        temps = [_temperature(t, temperature) for t in trajs]
+        zeros = [0.0] * len(trajs)
+        if self.lora:
+            self.model.set_adapter(role)
+        out: list[list[float]] = [[] for _ in trajs]
+        for mb in self._micro_batches(trajs, zeros, None, None, temps, False):
+            logp = self._ref_logps(mb) if reference else self._token_logps(mb)[0]
+            for j, i in enumerate(mb.rows):
+                out[i] = logp[j, :len(trajs[i].completion_ids)].float().cpu().tolist()
+        return out
+
+    # ------------------------------------------------------------------------------------- training
+    def _advantages(self, trajs: list[Trajectory], keep: Sequence[bool] | None) -> list[float]:
+        keep = [t.advantage != 0.0 for t in trajs] if keep is None else list(keep)
+        if len(keep) != len(trajs):
+            raise ValueError(f"keep_advantage has {len(keep)} entries for {len(trajs)} trajectories")
+        adv = [t.advantage for t in trajs]
+        fresh = [i for i, k in enumerate(keep) if not k]
+        for i, a in zip(fresh, compute_advantages([trajs[i] for i in fresh], self.cfg)):
+            adv[i] = a
+        return adv
+
+    def _eps_high(self, role: str, trajs: list[Trajectory]) -> list[float] | None:
+        """ADPO's per-task upper clip for executor samples with a known p_hat (Agent0); else cfg.eps_high."""
+        if not (self.cfg.adpo and role == "executor") or all(t.p_hat is None for t in trajs):
+            return None
+        p = torch.tensor([t.p_hat if t.p_hat is not None else 0.0 for t in trajs], dtype=torch.float64)
+        eps = adpo_eps_high(p).tolist()
+        return [e if t.p_hat is not None else self.cfg.eps_high for e, t in zip(eps, trajs)]
+
+    def train_step(self, role: str, trajectories: Sequence[Trajectory], weights: Sequence[float] | None = None,
+                   temperature: float | None = None, keep_advantage: Sequence[bool] | None = None
+                   ) -> dict[str, float]:
+        """One RL update of `role` on these trajectories; returns flat metrics ("loss", "kl", ...).
+
+        Advantages: rows with `keep_advantage[i]` use `traj.advantage` as given (a self-imitation replay, whose
+        group is not in the batch); the others get `compute_advantages` over their groups. Without
+        `keep_advantage`, a non-zero `traj.advantage` counts as given. `last_advantages` keeps what was used.
+        Temperature (logits are divided by it): `traj.meta["temperature"]`, else `temperature`, else 1.0.
+        `weights`: optional per-trajectory sample weights (the replay buffer's staleness down-weighting).
+        """
+        t0 = time.perf_counter()
+        self._check_role(role)
+        trajs = list(trajectories)
+        _validate(role, trajs, weights)
+        cfg = self.cfg
+        adv = self._advantages(trajs, keep_advantage)
+        self.last_advantages = {t.traj_id: a for t, a in zip(trajs, adv)}
+        temps = [_temperature(t, temperature) for t in trajs]
+        behaviour = cfg.tis_cap is not None and any(
+            lp != 0.0 for t in trajs for lp, m in zip(t.behaviour_logprobs, t.loss_mask) if m)
+        n_tokens = sum(int(bool(m)) for t in trajs for m in t.loss_mask)
+        metrics = _batch_stats(trajs, adv, self.policy_version[role])
+        if n_tokens == 0:  # nothing the policy produced: count it, change nothing
+            return {**metrics, "skipped": 1.0, "time_s": time.perf_counter() - t0}
+        mbs = self._micro_batches(trajs, adv, None if weights is None else list(weights),
+                                  self._eps_high(role, trajs), temps, behaviour)
+        if self.lora:
+            self.model.set_adapter(role)
+        self.model.train()
+        if cfg.kl_coef > 0:
+            for mb in mbs:
+                mb.ref_logp = self._ref_logps(mb)
+        key = self._key(role)
+        opt, sched = self._optim[key]
+        totals = dict(total_tokens=float(n_tokens), total_seqs=float(len(trajs)),
+                      max_len=cfg.loss_norm_len or max(len(t.completion_ids) for t in trajs))
+        acc = _MetricMean()
+        losses, grad_norms, lr = [], [], sched.get_last_lr()[0]
+        for epoch in range(cfg.ppo_epochs):
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for k, mb in enumerate(mbs):
+                logp, ent = self._token_logps(mb, entropy=epoch == 0)
+                if mb.old_logp is None:
+                    mb.old_logp = logp.detach()  # weights are unchanged until this epoch's step: exact
+                inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
+                                       ref_logp=mb.ref_logp, behaviour_logp=mb.behaviour_logp,
+                                       eps_high=mb.eps_high, weights=mb.weights)
+                gen = torch.Generator().manual_seed(  # Clip-Cov's random picks: reproducible, and across a resume
+                    (self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k) % 2**62)
+                loss, m = policy_loss(inp, cfg, generator=gen, **totals)
+                if loss.requires_grad:
+                    loss.backward()
+                loss_sum += float(loss.detach())
+                acc.add(m, float(mb.mask.sum()))
+                if ent is not None:
+                    acc.add({"entropy": float((ent * mb.mask).sum() / mb.mask.sum().clamp(min=1))},
+                            float(mb.mask.sum()))
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self._params[key], cfg.max_grad_norm)))
+            opt.step()
+            sched.step()
+            losses.append(loss_sum)
+        self.step += 1
+        for r in (self.roles if not self.lora else (role,)):  # full FT: every role's policy just changed
+            self.policy_version[r] += 1
+        elapsed = time.perf_counter() - t0
+        metrics.update(acc.result())
+        metrics.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(grad_norms)), lr=lr,
+                       tokens=float(n_tokens), micro_batches=float(len(mbs)), time_s=elapsed,
+                       tokens_per_s=n_tokens * cfg.ppo_epochs / elapsed,
+                       pad_frac=1.0 - sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajs)
+                       / sum(mb.input_ids.numel() for mb in mbs),
+                       policy_version=float(self.policy_version[role]))
+        return metrics
+
+    # ------------------------------------------------------------------------------------ weights out
+    def export(self, role: str, out_dir: str | Path | None = None) -> AdapterUpdate | FullWeightsUpdate:
+        """The role's current weights for the rollout engines.
+
+        LoRA: `out_dir` becomes a peft adapter directory (adapter_config.json + adapter_model.safetensors),
+        written atomically, which vLLM's LoRARequest and the hf engine load. Full: a CPU state dict copy.
+        """
+        self._check_role(role)
+        version = self.policy_version[role]
+        if not self.lora:
+            sd = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            return FullWeightsUpdate(state_dict=sd, version=version)
+        if out_dir is None:
+            raise ValueError("export of a LoRA adapter needs out_dir")
+        with atomic_dir(out_dir) as tmp:
+            self.model.save_pretrained(str(tmp), selected_adapters=[role])
+            sub = tmp / role  # peft writes a non-"default" adapter into a subdirectory named after it
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    f.rename(tmp / f.name)
+                sub.rmdir()
+        return AdapterUpdate(name=role, path=str(Path(out_dir).resolve()), version=version)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, root: str | Path) -> Path:
+        """Write `root/step-XXXXXXXX/` atomically, then point `root/latest` at it; prune old ones."""
+        root = Path(root)
+        name = f"step-{self.step:08d}"
+        with atomic_dir(root / name) as tmp:
+            if self.lora:
+                for role in self.roles:
+                    self.model.save_pretrained(str(tmp / "adapters"), selected_adapters=[role])
+            else:
+                from safetensors.torch import save_model
+
+                save_model(self.model, str(tmp / "model.safetensors"))
+            torch.save({k: {"optimizer": o.state_dict(), "scheduler": s.state_dict()}
+                        for k, (o, s) in self._optim.items()}, tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            state = {"step": self.step, "policy_version": self.policy_version, "roles": list(self.roles),
+                     "seed": self.seed, "finetune": self.cfg.finetune,
+                     "model": self.model_cfg.model_dump(mode="json"), "learner": self.cfg.model_dump(mode="json")}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        write_latest(root, name)
+        prune_checkpoints(root, self.cfg.keep_checkpoints)
+        return root / name
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        """Restore weights, optimizers, schedulers, RNG states, step and versions from a checkpoint (or root)."""
+        ck = resolve_checkpoint(path)
+        state = json.loads((ck / "state.json").read_text())
+        if state["finetune"] != self.cfg.finetune or list(state["roles"]) != list(self.roles):
+            raise ValueError(f"checkpoint {ck} is finetune={state['finetune']} roles={state['roles']}; this learner "
+                             f"is finetune={self.cfg.finetune} roles={list(self.roles)}")
+        if self.lora:
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            for role in self.roles:
+                weights = load_peft_weights(str(ck / "adapters" / role), device=str(self.device))
+                res = set_peft_model_state_dict(self.model, weights, adapter_name=role)
+                if res.unexpected_keys:
+                    raise ValueError(f"{ck}: adapter {role} has keys this model lacks: {res.unexpected_keys[:3]}")
+        else:
+            from safetensors.torch import load_model
+
+            load_model(self.model, str(ck / "model.safetensors"), device=str(self.device))
+        optim = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
+        for k, (o, s) in self._optim.items():
+            o.load_state_dict(optim[k]["optimizer"])
+            s.load_state_dict(optim[k]["scheduler"])
+        set_rng_state(torch.load(ck / "rng.pt", map_location="cpu", weights_only=True))
+        self.step = int(state["step"])
+        self.policy_version = {r: int(v) for r, v in state["policy_version"].items()}
+        return ck
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Learner":
+        """A learner rebuilt from the configs stored in the checkpoint, with its state restored."""
+        ck = resolve_checkpoint(path)
+        state = json.loads((ck / "state.json").read_text())
+        learner = cls(ModelConfig.model_validate(state["model"]), LearnerConfig.model_validate(state["learner"]),
+                      roles=state["roles"], seed=state["seed"], device=device)
+        learner.load_checkpoint(ck)
+        return learner
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _is_adapter_param(name: str, role: str) -> bool:
+    parts = name.split(".")
+    return role in parts and any(p.startswith("lora_") for p in parts)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _temperature(t: Trajectory, default: float | None) -> float:
+    temp = t.meta.get("temperature", default)
+    return float(temp) if temp is not None and float(temp) > 0 else 1.0  # greedy samples: raw logits
+
+
+def _validate(role: str, trajs: list[Trajectory], weights: Sequence[float] | None) -> None:
+    if not trajs:
+        raise ValueError("train_step needs at least one trajectory")
+    for t in trajs:
+        if t.role != role:
+            raise ValueError(f"trajectory {t.traj_id} is for role {t.role!r}, not {role!r}")
+        if not t.prompt_ids:
+            raise ValueError(f"trajectory {t.traj_id} has an empty prompt (the first token needs a context)")
+    if weights is not None:
+        if len(weights) != len(trajs):
+            raise ValueError(f"weights has {len(weights)} entries for {len(trajs)} trajectories")
+        if not all(np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("weights must be finite and >= 0")
+
+
+def _batch_stats(trajs: list[Trajectory], adv: list[float], version: int) -> dict[str, float]:
+    a = np.asarray(adv, dtype=np.float64)
+    r = np.asarray([t.reward for t in trajs], dtype=np.float64)
+    return {"adv_mean": float(a.mean()), "adv_std": float(a.std()), "adv_min": float(a.min()),
+            "adv_max": float(a.max()), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "seqs": float(len(trajs)),
+            "staleness_mean": float(np.mean([version - t.policy_version for t in trajs]))}
+
+
+class _MetricMean:
+    """Token-weighted means of per-micro-batch metrics; `*_max` keys keep the maximum; `tokens` is dropped."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], weight: float) -> None:
+        for k, v in metrics.items():
+            if k == "tokens":
+                continue
+            if k.endswith("_max"):
+                self.maxes[k] = max(self.maxes.get(k, -np.inf), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * weight
+                self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        out = {k: s / max(self.weights[k], 1e-12) for k, s in self.sums.items()}
+        return {**out, **self.maxes}
