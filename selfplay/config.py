@@ -151,7 +151,6 @@ class LearnerConfig(Section):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
     keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
-    keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
 
 
 class ReplayConfig(Section):
