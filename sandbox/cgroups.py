@@ -11,6 +11,7 @@ still apply above them. The slot also tells us, after a call, whether the OOM ki
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -134,6 +135,40 @@ class Slot:
                     time.sleep(0.02)
 
 
+STALE = re.compile(r"^selfplay-sandbox-(\d+)-")
+
+
+def owner_dead(name: str) -> bool:
+    """For `selfplay-sandbox-<pid>-...` names: whether the pool process that made it is gone."""
+    m = STALE.match(name)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def _remove_stale(base: str) -> None:
+    """Trees left by pools whose process was killed (no close() ran). Only empty cgroups can go."""
+    for name in os.listdir(base) if os.path.isdir(base) else []:
+        if owner_dead(name):
+            tree = os.path.join(base, name)
+            for slot in os.listdir(tree):
+                if os.path.isdir(os.path.join(tree, slot)):
+                    try:
+                        os.rmdir(os.path.join(tree, slot))
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(tree)
+            except OSError:
+                pass
+
+
 class CgroupTree:
     """Our private subtree (one dir per hierarchy), holding one Slot per worker."""
 
@@ -150,6 +185,8 @@ class CgroupTree:
             where = _mounts()
         except OSError as e:
             return None, f"cannot read /proc/self/cgroup or mountinfo: {e}"
+        for base in where.values():
+            _remove_stale(base)
         if "memory" in where and "pids" in where:
             mem, pids = os.path.join(where["memory"], name), os.path.join(where["pids"], name)
             try:

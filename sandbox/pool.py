@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 
-from sandbox.cgroups import CgroupTree
+from sandbox.cgroups import CgroupTree, owner_dead
 from sandbox.launch import LaunchSpec, python_paths, reachable_by_others
 from sandbox.types import (
     ExecResult,
@@ -99,7 +99,11 @@ class SandboxPool:
         self._spawner = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spawner")
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="sandbox-call")
         # Private, root-owned 0711 dir: stage mount points and (fallback mode only) per-slot scratch dirs.
-        self.workdir = tempfile.mkdtemp(prefix="selfplay-sandbox-")
+        # Named after our pid, so a later pool can remove it if this process dies without close().
+        for name in os.listdir(tempfile.gettempdir()):
+            if owner_dead(name):
+                shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
+        self.workdir = tempfile.mkdtemp(prefix=f"selfplay-sandbox-{self._pid}-")
         os.chmod(self.workdir, 0o711)
         self.scratch_root = os.path.join(self.workdir, "scratch")
         os.mkdir(self.scratch_root, 0o711)

@@ -529,3 +529,11 @@ def test_sandbox_dies_with_the_pool_process():
         time.sleep(0.05)
     alive = [p for p in tree if os.path.exists(f"/proc/{p}")]
     assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in alive]
+    # No close() ran: its work dir (and cgroups) stay until the next pool notices the owner is dead.
+    import glob
+    import tempfile
+
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"selfplay-sandbox-{owner.pid}-*"))
+    assert left
+    with SandboxPool(Limits(preimport=("math",)), workers=1):
+        assert not any(os.path.exists(d) for d in left)
