@@ -141,7 +141,7 @@ def run_call(call: dict, ctx: dict) -> dict:
     if namespaced:
         linux.unshare(linux.CLONE_NEWIPC)  # for the child; we step back right after the fork
     try:
-        pid = linux.lean_fork()
+        pid = linux.lean_fork() if ctx["lean_fork"] else os.fork()
     finally:
         if namespaced:
             linux.setns(ctx["ipc_ns"], linux.CLONE_NEWIPC)

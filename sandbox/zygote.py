@@ -263,7 +263,10 @@ def main(config_json: str) -> None:
         linux.set_pdeathsig()  # (after the uid change, which clears it) the pool died: so do we
     linux.set_child_subreaper()
     linux.set_dumpable(False)
+    # linux.lean_fork is only safe single-threaded: a preimported library may have started threads
+    threads = len(os.listdir("/proc/self/task"))
     ctx, mech = _activate(cfg)
+    ctx["lean_fork"] = threads == 1
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # SIGCHLD wakes the call's poll loop
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
