@@ -56,10 +56,9 @@ def _threads(cfg: RunConfig) -> int:
 
 class SandboxActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
-        from sandbox import Limits, SandboxPool
+        from sandbox import SandboxPool
 
-        limits = Limits(**cfg.sandbox.model_dump(exclude={"workers", "min_isolation"}))
-        self.pool = SandboxPool(limits=limits, workers=cfg.sandbox.workers, min_isolation=cfg.sandbox.min_isolation)
+        self.pool = SandboxPool.from_config(cfg.sandbox)
         _started(rd, "sandbox")
 
     @busy
