@@ -255,11 +255,14 @@ def test_close_then_restart(engine, backend, prompts):
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(prompts, _greedy())
     gc.collect()
-    leftover = [
-        " ".join(p.cmdline())
-        for p in psutil.Process().children(recursive=True)
-        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
-    ]
+    leftover = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:  # exited (zombie or gone) while we looked
+            continue
+        if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in cmd:
+            leftover.append(cmd)
     assert leftover == []
     fresh = make_engine(MODEL, _engine_cfg(backend), seed=0)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -75,14 +75,13 @@ class HFEngine:
         check_params(params)
         check_adapter(adapter, self.adapter_versions)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer, self.max_model_len)
-        if params.seed is not None:  # vLLM gives the j-th of n samples seed + j
-            seeds = {j: params.seed + j for j in range(params.n)}
         rows = []
         for i in sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])):  # less padding per chunk
             budget = min(params.max_tokens, self.max_model_len - len(prompt_ids[i]))
             rows += [_Row(i, j, budget) for j in range(params.n)]
-        row_seeds = [
-            seeds[r.sample] if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_source))
+        row_seeds = [  # vLLM gives the j-th of n samples seed + j; unseeded rows draw from the engine's seed
+            params.seed + r.sample if params.seed is not None
+            else int(torch.randint(2**62, (1,), generator=self._seed_source))
             for r in rows
         ]
         with torch.inference_mode(), self._adapter_context(adapter) as model:
@@ -137,7 +136,9 @@ class HFEngine:
             attn[k, width - len(prompt_ids[i]):] = 1
         ids, attn = ids.to(dev), attn.to(dev)
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+        padded = not bool(attn.all())  # no padding (one prompt, GRPO groups): no mask, SDPA's fast path
+        out = model(input_ids=ids, attention_mask=attn if padded else None, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
         fan_out = torch.tensor([distinct.index(r.prompt) for r in rows], device=dev)
         cache = out.past_key_values
         cache.batch_select_indices(fan_out)
@@ -173,7 +174,7 @@ class HFEngine:
             attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
             last_pos = last_pos + 1
             out = model(
-                input_ids=tokens[:, None], attention_mask=attn, position_ids=last_pos[:, None],
+                input_ids=tokens[:, None], attention_mask=attn if padded else None, position_ids=last_pos[:, None],
                 past_key_values=cache, use_cache=True,
             )
             logits = out.logits[:, -1]
@@ -210,8 +211,7 @@ class HFEngine:
                 yield self._peft
         else:
             self._peft.set_adapter(self._adapters[adapter][0])
-            with nullcontext():
-                yield self._peft
+            yield self._peft
 
     def _load_adapter(self, update: AdapterUpdate) -> None:
         """Load the new version beside the old one, then drop the old: the base model is never reloaded."""

@@ -17,6 +17,7 @@ import gc
 import glob
 import itertools
 import logging
+import multiprocessing
 import os
 import tempfile
 
@@ -159,6 +160,7 @@ class VLLMEngine:
         finally:
             del llm
             gc.collect()
+            multiprocessing.active_children()  # reap the exited engine core: no zombie left behind
 
     def __enter__(self) -> "VLLMEngine":
         return self
