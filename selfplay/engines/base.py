@@ -23,6 +23,7 @@ class Engine(Protocol):
     """
 
     tokenizer: Any
+    max_model_len: int  # prompt + completion tokens; callers trim multi-turn histories against it
 
     @property
     def adapter_versions(self) -> dict[str, int]: ...
