@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/debug.yaml
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run test test-fast bench dashboard-demo browser doctor clean
 
