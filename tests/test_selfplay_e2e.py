@@ -119,6 +119,32 @@ def test_debug_run_two_iterations_survives_a_killed_actor(tmp_path):
     assert "proposer" in published and published["proposer"]["version"] >= 1
     ids = replay_ids(rd)
     assert ids and len({i for i, _ in ids}) == len(ids)
+    check_dashboard_on_real_run(rd)
+
+
+def check_dashboard_on_real_run(rd: RunDir) -> None:
+    """The dashboard's API on the store this real run wrote agrees with the store itself."""
+    from fastapi.testclient import TestClient
+
+    from selfplay.dashboard.app import create_app
+
+    client = TestClient(create_app([rd.root]), base_url="http://127.0.0.1")
+    (run,) = client.get("/api/runs").json()
+    cfg = rd.load_config()
+    assert (run["config"]["band_low"], run["config"]["band_high"]) == (cfg.verifier.band_low, cfg.verifier.band_high)
+    series = client.get(f"/api/runs/{run['id']}/scalars").json()
+    assert series["tasks/proposed"]["x"] == [1, 2]
+    diff = client.get(f"/api/runs/{run['id']}/difficulty").json()
+    for p in diff["per_iteration"]:
+        n = metrics_rows(rd, f"SELECT COUNT(*) FROM tasks WHERE iteration={p['iteration']}")[0][0]
+        scored = metrics_rows(rd, f"SELECT COUNT(*) FROM tasks WHERE iteration={p['iteration']} AND p_hat IS NOT NULL")[0][0]
+        assert p["tasks"] == n and p["tasks"] - p["unscored"] == scored
+    rows = client.get(f"/api/runs/{run['id']}/tasks", params={"limit": 500}).json()
+    assert rows["total"] == metrics_rows(rd, "SELECT COUNT(*) FROM tasks")[0][0]
+    with_trajs = metrics_rows(rd, "SELECT task_id FROM trajectories LIMIT 1")
+    if with_trajs:
+        detail = client.get(f"/api/runs/{run['id']}/tasks/{with_trajs[0][0]}").json()
+        assert detail["trajectories"]
 
 
 def test_sigkill_driver_then_resume(tmp_path):
