@@ -19,12 +19,14 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def _client(address: str):
-    from ray.job_submission import JobSubmissionClient
-
+    # Ray reads RAY_AUTH_MODE when it is first imported: set it before the import.
     if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or Path("~/.ray/auth_token").expanduser().exists()
+        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or Path("~/.ray/auth_token").expanduser().exists()
     ):
         os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
     return JobSubmissionClient(address)
 
 
