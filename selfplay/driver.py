@@ -101,7 +101,9 @@ class Driver:
                 if cfg.ray.address:
                     ray.init(address=cfg.ray.address, log_to_driver=True)
                 else:
-                    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+                    # "local": a fresh private instance, never a cluster some `ray start` left on this machine
+                    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                             log_to_driver=True)
                     started_ray = True
             self._install_signals()  # after ray.init, which installs its own SIGTERM handler
             actors = Actors.start(cfg, rd)
