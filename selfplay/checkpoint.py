@@ -89,7 +89,7 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and every CUDA device) RNG states, in a `torch.load(weights_only=True)`-safe form."""
+    """Python, numpy and torch (CPU and every CUDA device) RNG states, safe for torch.load(weights_only=True)."""
     version, words, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {

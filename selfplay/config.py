@@ -151,6 +151,9 @@ class LearnerConfig(Section):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
     keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
+    # run each distinct prompt once per micro-batch and fan its KV cache out to its G samples (exact gradients;
+    # needs gradient checkpointing off, ignored when it is on)
+    prompt_sharing: bool = True
 
 
 class ReplayConfig(Section):

@@ -4,15 +4,15 @@ Why it looks like this (docs/learner.md has the long form):
 - Memory: one copy of the base weights; peft adds one adapter per role and `set_adapter(role)` picks the
   one a step trains; each role has its own AdamW over its own adapter only. The KL reference is the base
   with adapters disabled (verl does the same: `disable_adapter()`), so there is no second model copy.
-- Compute: the backbone runs once per micro-batch and the LM head only on the hidden states of trained
-  completion tokens (prompt and tool-output positions never reach the [tokens, vocab] matmul; TRL's fused
-  head scores every position off Triton devices). Logits are divided by the sampling temperature (TRL).
+- Compute (selfplay/scoring.py): the LM head runs only on the hidden states of trained completion tokens,
+  and each distinct prompt runs once per micro-batch with its KV cache fanned out to its G samples (prompt
+  sharing; exact gradients). Logits are divided by the sampling temperature (TRL).
 - The proximal ("old") log-probs come free: weights do not change before the epoch's optimizer step, so
   the first epoch's `logp.detach()` IS old_logp (exact for stale samples too; their behaviour log-probs
   feed truncated IS in `policy_loss`). ppo_epochs=1 costs one forward+backward per micro-batch, plus one
   no-grad reference forward when kl_coef > 0.
-- Micro-batches are length-sorted and packed up to `micro_batch_tokens` padded tokens; `policy_loss`
-  gets whole-batch totals, so the summed micro-batch losses are exactly the full-batch loss.
+- Micro-batches are length-sorted (prompt groups kept together) and packed up to `micro_batch_tokens`
+  padded tokens; `policy_loss` gets whole-batch totals, so the micro-batch losses sum to the full-batch loss.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ import logging
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,42 +33,13 @@ from selfplay.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoi
 from selfplay.config import LearnerConfig, ModelConfig
 from selfplay.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
+from selfplay.scoring import MicroBatch, build_micro_batches, token_logprobs
 from selfplay.types import AdapterUpdate, FullWeightsUpdate, Trajectory
 
 log = logging.getLogger(__name__)
 
 ROLES = ("proposer", "executor")
 SHARED = "shared"  # optimizer key under full fine-tuning: all roles train one set of weights
-
-
-@dataclass
-class MicroBatch:
-    """Tensors for one forward pass. b rows, L = longest prompt+completion, T = longest completion."""
-
-    rows: list[int]  # indices into the step's trajectory list
-    input_ids: Tensor  # [b, L] prompt + completion, right-padded (real tokens never attend to the pads)
-    score_pos: Tensor  # [b, L-1] bool: positions whose NEXT token is a trained completion token
-    labels: Tensor  # [n] those next tokens, row-major
-    temperature: Tensor  # [n] sampling temperature of each scored token's sequence
-    mask: Tensor  # [b, T] 1.0 where a completion token is trained
-    advantages: Tensor  # [b]
-    weights: Tensor | None  # [b]
-    eps_high: Tensor | None  # [b]
-    behaviour_logp: Tensor | None  # [b, T]
-    ref_logp: Tensor | None = None
-    old_logp: Tensor | None = None
-
-
-def pack_micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped longest-first so each group's rows x longest row <= max_tokens (a longer row goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 class Learner:
@@ -95,8 +65,11 @@ class Learner:
             dtype = "float32"  # full fine-tuning keeps fp32 master weights; bf16 comes from autocast
         base = load_causal_lm(path, dtype, str(self.device), self.model_cfg.trust_remote_code)
         base.config.use_cache = False
-        if cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda):
+        checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda)
+        if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers' checkpointed layers drop the KV cache that prompt sharing runs on
+        self.share_prompts = cfg.prompt_sharing and not checkpointing
         self._softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         self._ref_model = None
         if self.lora:
@@ -145,26 +118,9 @@ class Learner:
 
     # ------------------------------------------------------------------------------------ log-probs
     def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """[b, T] log-probs of the trained completion tokens (0 elsewhere), and their entropies if asked."""
         model = model if model is not None else self.model
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        with self._autocast():
-            hidden = hf.base_model(input_ids=mb.input_ids, use_cache=False).last_hidden_state
-            logits = hf.get_output_embeddings()(hidden[:, :-1][mb.score_pos])  # [n, V]: trained tokens only
-        logits = logits.float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        logits = logits / mb.temperature[:, None]
-        logz = logits.logsumexp(-1)
-        flat = logits.gather(-1, mb.labels[:, None]).squeeze(-1) - logz
-        sel = mb.mask.bool()
-        logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                flat_ent = logz - (logits.softmax(-1) * logits).sum(-1)
-                ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
-        return logp, ent
+        return token_logprobs(hf, mb, autocast=self._autocast, softcap=self._softcap, entropy=entropy)
 
     @torch.no_grad()
     def _ref_logps(self, mb: MicroBatch) -> Tensor:
@@ -175,38 +131,8 @@ class Learner:
         with self.model.disable_adapter():
             return self._token_logps(mb)[0]
 
-    def _micro_batches(self, trajs: list[Trajectory], adv: list[float], weights: list[float] | None,
-                       eps_high: list[float] | None, temps: list[float], behaviour: bool) -> list[MicroBatch]:
-        lengths = [len(t.prompt_ids) + len(t.completion_ids) for t in trajs]
-        dev = self.device
-        out = []
-        for rows in pack_micro_batches(lengths, self.cfg.micro_batch_tokens):
-            b, L = len(rows), lengths[rows[0]]
-            T = max(1, max(len(trajs[i].completion_ids) for i in rows))
-            ids = np.zeros((b, L), dtype=np.int64)
-            pos = np.zeros((b, L - 1), dtype=bool)
-            mask = np.zeros((b, T), dtype=np.float32)
-            beh = np.zeros((b, T), dtype=np.float32)
-            for j, i in enumerate(rows):
-                t = trajs[i]
-                P, C = len(t.prompt_ids), len(t.completion_ids)
-                ids[j, :P], ids[j, P:P + C] = t.prompt_ids, t.completion_ids
-                lm = np.asarray(t.loss_mask, dtype=bool)
-                pos[j, P - 1:P - 1 + C] = lm
-                mask[j, :C] = lm
-                beh[j, :C] = t.behaviour_logprobs
-            temp = np.repeat(np.asarray([temps[i] for i in rows], dtype=np.float32), pos.sum(1))
-
-            def vec(values):
-                return None if values is None else torch.tensor([values[i] for i in rows], dtype=torch.float32,
-                                                                 device=dev)
-
-            out.append(MicroBatch(
-                rows=rows, input_ids=torch.from_numpy(ids).to(dev), score_pos=torch.from_numpy(pos).to(dev),
-                labels=torch.from_numpy(ids[:, 1:][pos]).to(dev), temperature=torch.from_numpy(temp).to(dev),
-                mask=torch.from_numpy(mask).to(dev), advantages=vec(adv), weights=vec(weights),
-                eps_high=vec(eps_high), behaviour_logp=torch.from_numpy(beh).to(dev) if behaviour else None))
-        return out
+    def _micro_batches(self, trajs: list[Trajectory], temps: list[float]) -> list[MicroBatch]:
+        return build_micro_batches(trajs, temps, self.cfg.micro_batch_tokens, self.device, self.share_prompts)
 
     @torch.no_grad()
     def logprobs(self, role: str, trajectories: Sequence[Trajectory], temperature: float | None = None,
@@ -216,11 +142,10 @@ class Learner:
         self._check_role(role)
         trajs = list(trajectories)
         temps = [_temperature(t, temperature) for t in trajs]
-        zeros = [0.0] * len(trajs)
         if self.lora:
             self.model.set_adapter(role)
         out: list[list[float]] = [[] for _ in trajs]
-        for mb in self._micro_batches(trajs, zeros, None, None, temps, False):
+        for mb in self._micro_batches(trajs, temps):
             logp = self._ref_logps(mb) if reference else self._token_logps(mb)[0]
             for j, i in enumerate(mb.rows):
                 out[i] = logp[j, :len(trajs[i].completion_ids)].float().cpu().tolist()
@@ -270,8 +195,15 @@ class Learner:
         metrics = _batch_stats(trajs, adv, self.policy_version[role])
         if n_tokens == 0:  # nothing the policy produced: count it, change nothing
             return {**metrics, "skipped": 1.0, "time_s": time.perf_counter() - t0}
-        mbs = self._micro_batches(trajs, adv, None if weights is None else list(weights),
-                                  self._eps_high(role, trajs), temps, behaviour)
+        mbs = self._micro_batches(trajs, temps)
+        eps_high = self._eps_high(role, trajs)
+        for mb in mbs:
+            mb.advantages, mb.weights, mb.eps_high = mb.per_row(adv), mb.per_row(weights), mb.per_row(eps_high)
+            if behaviour:
+                mb.behaviour_logp = torch.zeros_like(mb.mask)
+                for j, i in enumerate(mb.rows):
+                    lp = trajs[i].behaviour_logprobs
+                    mb.behaviour_logp[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
         if self.lora:
             self.model.set_adapter(role)
         self.model.train()
@@ -294,8 +226,9 @@ class Learner:
                 inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
                                        ref_logp=mb.ref_logp, behaviour_logp=mb.behaviour_logp,
                                        eps_high=mb.eps_high, weights=mb.weights)
-                gen = torch.Generator().manual_seed(  # Clip-Cov's random picks: reproducible, and across a resume
-                    (self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k) % 2**62)
+                # Clip-Cov's random picks: reproducible, also across a resume
+                seed = self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k
+                gen = torch.Generator().manual_seed(seed % 2**62)
                 loss, m = policy_loss(inp, cfg, generator=gen, **totals)
                 if loss.requires_grad:
                     loss.backward()
@@ -316,8 +249,8 @@ class Learner:
         metrics.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(grad_norms)), lr=lr,
                        tokens=float(n_tokens), micro_batches=float(len(mbs)), time_s=elapsed,
                        tokens_per_s=n_tokens * cfg.ppo_epochs / elapsed,
-                       pad_frac=1.0 - sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajs)
-                       / sum(mb.input_ids.numel() for mb in mbs),
+                       seq_tokens=float(sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajs)),
+                       forward_tokens=float(sum(mb.forward_tokens for mb in mbs)),
                        policy_version=float(self.policy_version[role]))
         return metrics
 

@@ -1,0 +1,184 @@
+"""Turning trajectories into per-token log-probs cheaply: micro-batch packing and the two forward paths.
+
+- Only trained tokens reach the LM head: the hidden states of positions whose next token has loss_mask 1
+  are gathered first, so prompt and tool-output positions never enter the [tokens, vocab] matmul.
+- Prompt sharing: GRPO samples G completions per prompt, and a plain batch runs that prompt G times. With
+  sharing, each distinct prompt in a micro-batch runs once, and its KV cache (still in the autograd graph,
+  so gradients through the prompt are exact) is fanned out to its samples, whose completions then run
+  against it: the prompt costs 1/G of the plain path. The rollout engines prefill the same way. It needs
+  the KV cache inside the layers, which transformers' gradient checkpointing switches off, so the learner
+  uses it only without checkpointing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfplay.types import Trajectory
+
+
+@dataclass
+class MicroBatch:
+    """The tensors of one forward. b rows; T = longest completion; n = trained tokens.
+
+    Plain path: `input_ids` [b, L] prompt+completion right-padded (real tokens never attend to the pads, so no
+    attention mask is needed) and `score_pos` [b, L-1], the positions whose next token is trained.
+    Shared path: `prompt_ids` [U, P] distinct prompts right-padded, `prompt_len` [U], `row_prompt` [b] (which
+    prompt each row continues), `completion_ids` [b, T] right-padded.
+    """
+
+    rows: list[int]  # indices into the step's trajectory list
+    labels: Tensor  # [n] the trained tokens, row-major
+    temperature: Tensor  # [n] sampling temperature of each trained token's sequence
+    mask: Tensor  # [b, T] 1.0 where a completion token is trained
+    input_ids: Tensor | None = None
+    score_pos: Tensor | None = None
+    prompt_ids: Tensor | None = None
+    prompt_len: Tensor | None = None
+    row_prompt: Tensor | None = None
+    completion_ids: Tensor | None = None
+    # filled by the learner: per-row loss inputs and cached log-probs
+    advantages: Tensor | None = None  # [b]
+    weights: Tensor | None = None  # [b]
+    eps_high: Tensor | None = None  # [b]
+    behaviour_logp: Tensor | None = None  # [b, T]
+    ref_logp: Tensor | None = None
+    old_logp: Tensor | None = None
+
+    @property
+    def forward_tokens(self) -> int:
+        """Positions one forward runs through the backbone, padding included."""
+        if self.input_ids is not None:
+            return self.input_ids.numel()
+        return self.prompt_ids.numel() + self.completion_ids.numel()
+
+    def per_row(self, values: Sequence[float] | None) -> Tensor | None:
+        if values is None:
+            return None
+        return torch.tensor([values[i] for i in self.rows], dtype=torch.float32, device=self.mask.device)
+
+
+def pack_micro_batches(lengths: Sequence[int], max_tokens: int,
+                       groups: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+    """Row indices packed longest-first so that rows x longest row <= max_tokens (a longer row goes alone).
+
+    With `groups` (rows sharing a prompt), a group stays in one micro-batch unless it alone exceeds the budget,
+    in which case it is split into chunks that do fit. Each returned list starts with its longest row.
+    """
+    units = [[i] for i in range(len(lengths))] if groups is None else [list(g) for g in groups if g]
+    chunks: list[list[int]] = []
+    for unit in units:
+        chunk: list[int] = []
+        for i in sorted(unit, key=lambda i: -lengths[i]):
+            if chunk and lengths[chunk[0]] * (len(chunk) + 1) > max_tokens:
+                chunks.append(chunk)
+                chunk = []
+            chunk.append(i)
+        chunks.append(chunk)
+    chunks.sort(key=lambda c: -lengths[c[0]])
+    out: list[list[int]] = []
+    for chunk in chunks:
+        if out and lengths[out[-1][0]] * (len(out[-1]) + len(chunk)) <= max_tokens:
+            out[-1].extend(chunk)
+        else:
+            out.append(list(chunk))
+    return out
+
+
+def build_micro_batches(trajs: Sequence[Trajectory], temps: Sequence[float], max_tokens: int,
+                        device: torch.device, share_prompts: bool) -> list[MicroBatch]:
+    lengths = [len(t.prompt_ids) + len(t.completion_ids) for t in trajs]
+    groups = None
+    if share_prompts:
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(trajs):
+            by_prompt.setdefault(tuple(t.prompt_ids), []).append(i)
+        groups = list(by_prompt.values())
+    out = []
+    for rows in pack_micro_batches(lengths, max_tokens, groups):
+        T = max(1, max(len(trajs[i].completion_ids) for i in rows))
+        mask = np.zeros((len(rows), T), dtype=np.float32)
+        for j, i in enumerate(rows):
+            mask[j, :len(trajs[i].loss_mask)] = np.asarray(trajs[i].loss_mask, dtype=bool)
+        counts = mask.sum(1).astype(np.int64)
+        temp = np.repeat(np.asarray([temps[i] for i in rows], dtype=np.float32), counts)
+        distinct = list(dict.fromkeys(tuple(trajs[i].prompt_ids) for i in rows))
+        fields = (_shared_inputs if share_prompts and len(distinct) < len(rows) else _plain_inputs)(
+            [trajs[i] for i in rows], mask.astype(bool), distinct)
+        mb = MicroBatch(rows=rows, temperature=torch.from_numpy(temp).to(device),
+                        mask=torch.from_numpy(mask).to(device),
+                        **{k: torch.from_numpy(v).to(device) for k, v in fields.items()})
+        out.append(mb)
+    return out
+
+
+def _plain_inputs(trajs: list[Trajectory], mask: np.ndarray, distinct) -> dict[str, np.ndarray]:
+    L = max(len(t.prompt_ids) + len(t.completion_ids) for t in trajs)
+    ids = np.zeros((len(trajs), L), dtype=np.int64)
+    pos = np.zeros((len(trajs), L - 1), dtype=bool)
+    for j, t in enumerate(trajs):
+        P, C = len(t.prompt_ids), len(t.completion_ids)
+        ids[j, :P], ids[j, P:P + C] = t.prompt_ids, t.completion_ids
+        pos[j, P - 1:P - 1 + C] = mask[j, :C]
+    return {"input_ids": ids, "score_pos": pos, "labels": ids[:, 1:][pos]}
+
+
+def _shared_inputs(trajs: list[Trajectory], mask: np.ndarray, distinct) -> dict[str, np.ndarray]:
+    index = {p: u for u, p in enumerate(distinct)}
+    P = max(len(p) for p in distinct)
+    prompt_ids = np.zeros((len(distinct), P), dtype=np.int64)
+    for u, p in enumerate(distinct):
+        prompt_ids[u, :len(p)] = p
+    comp = np.zeros(mask.shape, dtype=np.int64)
+    for j, t in enumerate(trajs):
+        comp[j, :len(t.completion_ids)] = t.completion_ids
+    return {"prompt_ids": prompt_ids, "prompt_len": np.asarray([len(p) for p in distinct], dtype=np.int64),
+            "row_prompt": np.asarray([index[tuple(t.prompt_ids)] for t in trajs], dtype=np.int64),
+            "completion_ids": comp, "labels": comp[mask]}
+
+
+def trained_hidden_states(hf_model, mb: MicroBatch) -> Tensor:
+    """[n, H] final hidden states at the positions that predict the trained tokens (row-major)."""
+    backbone = hf_model.base_model
+    if mb.input_ids is not None:
+        hidden = backbone(input_ids=mb.input_ids, use_cache=False).last_hidden_state
+        return hidden[:, :-1][mb.score_pos]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf_model.config)
+    prompt = backbone(input_ids=mb.prompt_ids, past_key_values=cache, use_cache=True).last_hidden_state
+    last = prompt[torch.arange(len(mb.prompt_len), device=prompt.device), mb.prompt_len - 1]  # predicts token 0
+    cache.batch_select_indices(mb.row_prompt)  # fan each prompt's KV out to its rows (differentiable)
+    P, T = mb.prompt_ids.shape[1], mb.completion_ids.shape[1]
+    prompt_valid = torch.arange(P, device=prompt.device)[None, :] < mb.prompt_len[:, None]
+    attention = torch.cat([prompt_valid[mb.row_prompt], prompt_valid.new_ones(len(mb.rows), T)], dim=1)
+    positions = mb.prompt_len[mb.row_prompt][:, None] + torch.arange(T, device=prompt.device)[None, :]
+    hidden = backbone(input_ids=mb.completion_ids, attention_mask=attention.long(), position_ids=positions,
+                      past_key_values=cache, use_cache=True).last_hidden_state
+    hidden = torch.cat([last[mb.row_prompt][:, None], hidden[:, :-1]], dim=1)  # [b, T]: predictor of token t
+    return hidden[mb.mask.bool()]
+
+
+def token_logprobs(hf_model, mb: MicroBatch, *, autocast, softcap: float | None = None,
+                   entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, and entropies."""
+    with autocast():
+        logits = hf_model.get_output_embeddings()(trained_hidden_states(hf_model, mb))  # [n, V]
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits / mb.temperature[:, None]
+    logz = logits.logsumexp(-1)
+    flat = logits.gather(-1, mb.labels[:, None]).squeeze(-1) - logz
+    sel = mb.mask.bool()
+    logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            flat_ent = logz - (logits.softmax(-1) * logits).sum(-1)
+            ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
+    return logp, ent
