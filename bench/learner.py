@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per comparison (after warmup)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient (both sides)")
-    ap.add_argument("--skip-rollout", action="store_true", help="only the update comparison")
+    ap.add_argument("--parts", default="update,rollout", help="comma list of: update, rollout")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -112,8 +112,10 @@ def main() -> None:
     results = {"device": args.device, "model": args.model_config, "prompts": args.prompts,
                "generations": args.generations, "completion_len": args.completion_len, "torch_threads":
                torch.get_num_threads()}
-    results["update"] = run_comparison(args, path, workdir, rollout=False)
-    if not args.skip_rollout:
+    parts = set(args.parts.split(","))
+    if "update" in parts:
+        results["update"] = run_comparison(args, path, workdir, rollout=False)
+    if "rollout" in parts:
         results["rollout_update"] = run_comparison(args, path, workdir, rollout=True)
     print(json.dumps(results, indent=1))
     if args.json:
