@@ -120,7 +120,8 @@ class Learner:
     def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         model = model if model is not None else self.model
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return token_logprobs(hf, mb, autocast=self._autocast, softcap=self._softcap, entropy=entropy)
+        return token_logprobs(hf, mb, autocast=self._autocast, head_dtype=torch.bfloat16 if self.bf16 else None,
+                              softcap=self._softcap, entropy=entropy)
 
     @torch.no_grad()
     def _ref_logps(self, mb: MicroBatch) -> Tensor:
@@ -221,6 +222,7 @@ class Learner:
             loss_sum = 0.0
             for k, mb in enumerate(mbs):
                 logp, ent = self._token_logps(mb, entropy=epoch == 0)
+                ent = ent if epoch == 0 else None
                 if mb.old_logp is None:
                     mb.old_logp = logp.detach()  # weights are unchanged until this epoch's step: exact
                 inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,

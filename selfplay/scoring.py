@@ -163,22 +163,95 @@ def trained_hidden_states(hf_model, mb: MicroBatch) -> Tensor:
     return hidden[mb.mask.bool()]
 
 
-def token_logprobs(hf_model, mb: MicroBatch, *, autocast, softcap: float | None = None,
-                   entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, and entropies."""
-    with autocast():
-        logits = hf_model.get_output_embeddings()(trained_hidden_states(hf_model, mb))  # [n, V]
-    logits = logits.float()
+class ChunkedTokenLogprob(torch.autograd.Function):
+    """log p(label) and entropy of temperature-scaled logits (h @ W.T + b, optional Gemma softcap), computed
+    `chunk` tokens at a time. With more than one chunk, backward recomputes each chunk's logits, so peak
+    memory is O(chunk x vocab) instead of O(tokens x vocab) for the logits, their softmax and their gradient
+    (TRL's fused LM head and Liger's fused linear cross-entropy do the same); a single chunk keeps its
+    softmax instead (no recompute). Entropy is a metric: it carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temps, chunk: int, softcap: float | None, dtype, entropy: bool):
+        n, acc = hidden.shape[0], _acc_dtype(weight, dtype)
+        logp = hidden.new_empty(n, dtype=acc)
+        ent = hidden.new_zeros(n, dtype=acc)
+        kept = (None, None)
+        for s in range(0, n, chunk):
+            z, tanh = _chunk_logits(hidden[s:s + chunk], weight, bias, temps[s:s + chunk], softcap, dtype)
+            probs = z.softmax(-1)
+            logz = z.logsumexp(-1)
+            logp[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - logz
+            if entropy:
+                ent[s:s + chunk] = logz - (probs * z).sum(-1)
+            if n <= chunk and any(ctx.needs_input_grad[:3]):
+                kept = (probs, tanh)
+        ctx.save_for_backward(hidden, weight, bias, labels, temps, *kept)
+        ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, labels, temps, kept_probs, kept_tanh = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        dtype = ctx.dtype or weight.dtype
+        gh = torch.zeros_like(hidden) if want_h else None
+        acc = _acc_dtype(weight, ctx.dtype)
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        gb = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g, t = hidden[s:s + ctx.chunk], g_logp[s:s + ctx.chunk, None].to(acc), temps[s:s + ctx.chunk, None]
+            if kept_probs is not None:
+                probs, tanh = kept_probs, kept_tanh
+            else:
+                z, tanh = _chunk_logits(h, weight, bias, temps[s:s + ctx.chunk], ctx.softcap, ctx.dtype)
+                probs = z.softmax(-1)
+            dz = -probs * g  # d logp / d z = onehot(label) - softmax(z)
+            dz.scatter_add_(-1, labels[s:s + ctx.chunk, None], g)
+            dz = dz / t
+            if tanh is not None:
+                dz = dz * (1 - tanh * tanh)
+            if want_h:
+                gh[s:s + ctx.chunk] = (dz.to(dtype) @ weight.to(dtype)).to(gh.dtype)
+            if want_w:
+                gw += (dz.t().to(dtype) @ h.to(dtype)).to(acc)
+            if want_b:
+                gb += dz.sum(0)
+        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
+                None, None, None, None, None, None)
+
+
+def _acc_dtype(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """Softmax and accumulation precision: float32 at least (bf16 logits are cast up)."""
+    return torch.promote_types(dtype or weight.dtype, torch.float32)
+
+
+def _chunk_logits(h, weight, bias, temps, softcap, dtype):
+    acc = _acc_dtype(weight, dtype)
+    dtype = dtype or weight.dtype
+    raw = (h.to(dtype) @ weight.to(dtype).t()).to(acc)
+    if bias is not None:
+        raw = raw + bias.to(acc)
+    tanh = None
     if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    logits = logits / mb.temperature[:, None]
-    logz = logits.logsumexp(-1)
-    flat = logits.gather(-1, mb.labels[:, None]).squeeze(-1) - logz
+        tanh = torch.tanh(raw / softcap)
+        raw = tanh * softcap
+    return raw / temps[:, None], tanh
+
+
+def token_logprobs(hf_model, mb: MicroBatch, *, autocast, head_dtype: torch.dtype | None = None,
+                   softcap: float | None = None, entropy: bool = False,
+                   chunk_elements: int = 2**26) -> tuple[Tensor, Tensor]:
+    """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, and entropies
+    (zeros unless asked). The LM head runs in `head_dtype` (None: the weight's) in chunks of
+    `chunk_elements // vocab` tokens (2**26 fp32 = 256 MB per buffer)."""
+    with autocast():
+        hidden = trained_hidden_states(hf_model, mb)  # [n, H]
+    head = hf_model.get_output_embeddings()
+    chunk = max(16, chunk_elements // head.weight.shape[0])
+    flat, flat_ent = ChunkedTokenLogprob.apply(hidden, head.weight, head.bias, mb.labels, mb.temperature, chunk,
+                                               softcap, head_dtype, entropy)
     sel = mb.mask.bool()
     logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
-    ent = None
-    if entropy:
-        with torch.no_grad():
-            flat_ent = logz - (logits.softmax(-1) * logits).sum(-1)
-            ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
+    ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
     return logp, ent
