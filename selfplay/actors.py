@@ -104,8 +104,11 @@ class LearnerActor(_Busy):
         _started(rd, "learner")
 
     @busy
-    def train_step(self, role: str, trajectories: list, weights: list[float] | None = None) -> dict[str, float]:
-        return self.learner.train_step(role, trajectories, weights)
+    def train_step(self, role: str, trajectories: list, weights: list[float] | None = None,
+                   keep_advantage: list[bool] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """Metrics, and the advantages the step used (traj_id -> value) for the replay buffer to keep."""
+        metrics = self.learner.train_step(role, trajectories, weights, keep_advantage=keep_advantage)
+        return metrics, dict(self.learner.last_advantages)
 
     @busy
     def export(self, role: str, out_dir: str):

@@ -1,8 +1,10 @@
 """Cluster jobs through Ray's Job Submission SDK: ship the working directory, run `selfplay run` on the head.
 
 The config is validated locally first, so a typo fails on the laptop, not an hour later in a queue.
-Ray >= 2.60 guards the job API with a token (~/.ray/auth_token on the head); the SDK reads it when
-RAY_AUTH_MODE=token, which we set whenever a token is present and the user has not chosen otherwise.
+Ray >= 2.60 guards the job API of a token-auth cluster (the default for new clusters) with a bearer
+token. We send it ourselves, read from where Ray keeps it ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH,
+~/.ray/auth_token), instead of relying on Ray's process-wide auth mode, which is fixed when Ray is
+first imported and leaks into every Ray process this one starts afterwards.
 """
 from __future__ import annotations
 
@@ -18,16 +20,22 @@ SHIP_EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def auth_token() -> str | None:
+    """The cluster token this user holds, or None (also when RAY_AUTH_MODE=disabled says not to use one)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    return path.read_text().strip() if path.is_file() else None
+
+
 def _client(address: str):
-    # Ray reads RAY_AUTH_MODE when it is first imported: set it before the import.
-    if "RAY_AUTH_MODE" not in os.environ and (
-        os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-        or Path("~/.ray/auth_token").expanduser().exists()
-    ):
-        os.environ["RAY_AUTH_MODE"] = "token"
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(address, headers=headers)
 
 
 def submit(

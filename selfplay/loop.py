@@ -170,7 +170,9 @@ def learn(ctx: Context, role: str, updates: int) -> tuple[Any, list[list[str]]]:
         batch = ctx.replay.sample(role, max_groups=groups, current_version=version)
         if not len(batch):
             break
-        futures.append(ctx.actors.learner.train_step.remote(role, batch.trajectories, batch.weights))
+        # self-imitation replays keep their stored advantage; fresh groups get theirs computed by the learner
+        futures.append(ctx.actors.learner.train_step.remote(role, batch.trajectories, batch.weights,
+                                                            batch.replayed))
         batches.append(batch.ids)
         version += 1
         ctx.replay.mark_consumed(batch.ids, version)
@@ -183,8 +185,10 @@ def finish_learning(ctx: Context, role: str, futures: list, scalars: dict[str, f
         return
     with timed(scalars, f"learn_{role}"):
         results = ray.get(futures)
-    for k, v in results[-1].items():
+    for k, v in results[-1][0].items():
         scalars[f"learner/{role}/{k}"] = float(v)
+    # stored advantages are what self-imitation ranks by (replay.self_imitation_min_advantage)
+    ctx.replay.set_advantages({i: a for _, advantages in results for i, a in advantages.items()})
     ctx.versions.update(ray.get(ctx.actors.learner.versions.remote()))
     with timed(scalars, "weight_sync"):
         out_dir = ctx.rd.adapters / role / f"v{ctx.versions[role]:06d}"
@@ -275,6 +279,7 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
     gen_time = sum(s.get(f"time/{k}", 0.0) for k in ("propose", "solve", "practice"))
     s["throughput/tokens_per_s"] = tokens / gen_time if gen_time else 0.0
     s["replay/size"] = float(len(ctx.replay))
+    s["replay/replayed_total"] = float(ctx.replay.counters["replayed"])  # self-imitation replays so far
     admitted_ids = {t.task_id for t in admitted}
     for p, r in zip(proposals, rewards):
         vote = votes.get(p.task_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,11 +22,16 @@ GCS_PORT = 6399
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
+    """A head with token auth on, as Ray >= 2.60 starts new clusters; the token lives in a file only the
+    head's environment and `RAY_AUTH_TOKEN_PATH` point to (never the user's ~/.ray)."""
     ray = shutil.which("ray", path=str(BIN)) or shutil.which("ray")
     assert ray, "ray CLI not found beside the interpreter"
+    token_path = tmp_path_factory.mktemp("ray-auth") / "auth_token"
+    token_path.write_text(secrets.token_hex(16))
     # The job's `python` must be this environment's: put it first on the head's PATH.
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token_path))
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
     start = subprocess.run(
         [ray, "start", "--head", f"--port={GCS_PORT}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
@@ -34,7 +40,7 @@ def ray_head():
     )
     assert start.returncode == 0, start.stdout + start.stderr
     try:
-        yield f"http://127.0.0.1:{PORT}"
+        yield f"http://127.0.0.1:{PORT}", token_path
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -45,7 +51,13 @@ def test_bad_config_fails_before_submitting(tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_tiny_run_to_ray_head(ray_head, tmp_path):
+def test_submit_tiny_run_to_ray_head(ray_head, tmp_path, monkeypatch):
+    ray_head, token_path = ray_head
+    with pytest.raises(Exception, match="(?i)auth"):  # the head really wants the token ...
+        jobs.status("nope", ray_head)
+    # ... which the client finds where Ray keeps it, in the CLI and in this process alike
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     run_dir = tmp_path / "job-run"
     cli = [sys.executable, "-m", "selfplay"]
     overrides = [

@@ -138,6 +138,26 @@ def test_self_imitation_share(tmp_path):
         assert buf.stats()["replayed"] == 6
 
 
+def test_stored_advantages_drive_self_imitation_and_survive_reload(tmp_path):
+    """Producers add trajectories with advantage 0; the learner's computed advantages come back through
+    set_advantages, and only then can self-imitation find the good ones, also after a restart."""
+    cfg = rcfg(self_imitation_share=0.5, self_imitation_min_advantage=0.5, compact_every=1000)
+    with ReplayBuffer(tmp_path, cfg) as buf:
+        buf.add(group("done", advantages=[0.0] * 4))
+        ids = buf.sample("executor", 1, 0).ids
+        buf.mark_consumed(ids, version=1)
+        buf.add(group("fresh", version=1))
+        assert not any(buf.sample("executor", 2, 1).replayed)  # nothing known to be good yet
+        assert buf.set_advantages({"done-0": 1.2, "done-1": -0.4, "done-3": 0.7, "evicted-9": 3.0}) == 3
+    with ReplayBuffer(tmp_path, cfg) as buf:  # from the log
+        assert {t.traj_id: t.advantage for t in buf.trajectories()}["done-3"] == 0.7
+        b = buf.sample("executor", 2, 1)
+        assert sorted(t.traj_id for t, r in zip(b.trajectories, b.replayed) if r) == ["done-0", "done-3"]
+        buf.compact()
+    with ReplayBuffer(tmp_path, cfg) as buf:  # from a snapshot
+        assert {t.traj_id: t.advantage for t in buf.trajectories()}["done-0"] == 1.2
+
+
 def test_self_imitation_falls_back_to_fresh_when_nothing_to_replay(tmp_path):
     with ReplayBuffer(tmp_path, rcfg(self_imitation_share=0.5)) as buf:
         for g in ("a", "b", "c", "d"):

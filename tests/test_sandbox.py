@@ -29,7 +29,10 @@ LIMITS = Limits(timeout_s=3.0, cpu_time_s=3.0, memory_mb=512, max_processes=32)
 
 @pytest.fixture(scope="module")
 def pool():
+    # Processes other test modules left below this pytest process are theirs to answer for, not the pool's.
+    before = _descendants(os.getpid())
     with SandboxPool(LIMITS, workers=2, hang_grace_s=4.0) as p:
+        p.preexisting = before
         p.baseline_tree_sizes = sorted(len(t) for t in p.worker_processes().values())
         yield p
 
@@ -56,6 +59,17 @@ def _descendants(pid: int) -> set[int]:
             out.add(child)
             todo.extend(children_of(child))
     return out
+
+
+def _describe(pids: set[int]) -> str:
+    out = []
+    for pid in sorted(pids):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            cmdline = "gone"
+        out.append(f"{pid}: {cmdline[:200]}")
+    return "unexpected processes: " + "; ".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,7 +445,8 @@ def test_nothing_left_behind_after_the_battery(pool):
     trees = pool.worker_processes()
     assert sorted(len(t) for t in trees.values()) == pool.baseline_tree_sizes
     ours = {pid for tree in trees.values() for pid in tree}
-    assert _descendants(os.getpid()) == ours  # no snippet, daemon or monitor survived anywhere below us
+    below_us = _descendants(os.getpid()) - pool.preexisting
+    assert below_us == ours, _describe(below_us - ours)  # no snippet, daemon or monitor survived below us
     assert os.listdir(pool.scratch_root) in ([], ["slot-0", "slot-1"])
     for slot in os.listdir(pool.scratch_root):
         assert os.listdir(os.path.join(pool.scratch_root, slot)) == []

@@ -102,7 +102,8 @@ def test_debug_run_two_iterations_survives_a_killed_actor(tmp_path):
     """Two iterations of the debug config; the rollout actor is SIGKILLed mid-iteration and the run
     completes anyway, with the restart logged and counted."""
     rd = RunDir(tmp_path / "run")
-    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY, "eval.every=2", "eval.limit=2")
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY, "eval.every=2", "eval.limit=2",
+                    "replay.self_imitation_share=0.5", "replay.self_imitation_min_advantage=0.01")
     wait_for(lambda: any(e.get("event") == "actor_start" and e["actor"] == "rollout" for e in rd.read_events()),
              300, "the rollout actor", proc)
     time.sleep(3)  # inside iteration 1: proposing
@@ -120,11 +121,24 @@ def test_debug_run_two_iterations_survives_a_killed_actor(tmp_path):
     assert "proposer" in published and published["proposer"]["version"] >= 1
     ids = replay_ids(rd)
     assert ids and len({i for i, _ in ids}) == len(ids)
+    check_self_imitation(rd)
     check_dashboard_on_real_run(rd)
     # In-training evaluation ran at iteration 2 on the generated benchmark and left its files.
     evals = dict(metrics_rows(rd, "SELECT key, value FROM scalars WHERE iteration=2 AND key LIKE 'eval/%'"))
     assert 0.0 <= evals["eval/generated/pass@1"] <= 1.0, evals
     assert (rd.root / "eval" / "iter-00002").is_dir()
+
+
+def check_self_imitation(rd: RunDir) -> None:
+    """The learner's advantages came back into the buffer, and iteration 2 replayed the good ones."""
+    from selfplay.replay import ReplayBuffer
+
+    with ReplayBuffer(rd.replay, rd.load_config().replay) as buf:
+        trained = [t for t in buf.trajectories() if buf.is_consumed(t.traj_id)]
+    assert any(t.advantage != 0.0 for t in trained), "no advantage was written back"
+    good = [t for t in trained if t.role == "proposer" and t.meta.get("iteration") == 1 and t.advantage >= 0.01]
+    replayed = dict(metrics_rows(rd, "SELECT iteration, value FROM scalars WHERE key='replay/replayed_total'"))
+    assert good and replayed[2] > 0, (len(good), replayed)
 
 
 def test_runs_are_reproducible_from_the_seed_on_hf(tmp_path):
