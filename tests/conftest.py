@@ -33,20 +33,31 @@ def _children_tree(pid: int) -> set[int]:
     return out
 
 
+# Started once per process and meant to live as long as it (multiprocessing's resource tracker, which
+# vLLM's spawned engine starts; wandb's service): not a leak.
+_PER_PROCESS_SERVICES = ("multiprocessing.resource_tracker", "wandb-core")
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def _leaked(before: set[int]) -> dict[int, str]:
+    new = {pid: _cmdline(pid) for pid in _children_tree(os.getpid()) - before}
+    return {pid: c for pid, c in new.items() if c and not any(s in c for s in _PER_PROCESS_SERVICES)}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_processes_left_behind(request):
     """Warn (in pytest's summary) about processes a test module started and left running below pytest."""
     before = _children_tree(os.getpid())
     yield
     deadline = time.monotonic() + 10
-    while (left := _children_tree(os.getpid()) - before) and time.monotonic() < deadline:
+    while (left := _leaked(before)) and time.monotonic() < deadline:
         time.sleep(0.5)
     if left:
-        names = []
-        for pid in sorted(left):
-            try:
-                names.append(f"{pid}:{Path(f'/proc/{pid}/comm').read_text().strip()}")
-            except OSError:
-                pass
-        if names:
-            warnings.warn(f"{request.module.__name__} left processes running: {', '.join(names)}", stacklevel=1)
+        names = ", ".join(f"{pid}:{c[:120]}" for pid, c in sorted(left.items()))
+        warnings.warn(f"{request.module.__name__} left processes running: {names}", stacklevel=1)
