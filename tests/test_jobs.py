@@ -50,6 +50,23 @@ def test_bad_config_fails_before_submitting(tmp_path):
         jobs.submit(str(REPO / "configs/debug.yaml"), "http://127.0.0.1:1", ["learner.lr=-1"], str(REPO))
 
 
+def test_auth_token_is_found_where_ray_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert jobs.auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobs.auth_token() == "from-home"
+    (tmp_path / "elsewhere").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "elsewhere"))
+    assert jobs.auth_token() == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert jobs.auth_token() == "from-env"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user said no: send nothing
+    assert jobs.auth_token() is None
+
+
 @pytest.mark.slow
 def test_submit_tiny_run_to_ray_head(ray_head, tmp_path, monkeypatch):
     ray_head, token_path = ray_head
