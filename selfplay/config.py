@@ -7,10 +7,10 @@ anchors' values (Agent0, verl, TRL), cited where they come from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,11 @@ class LoraConfig(Section):
     target_modules: list[str] | str = "all-linear"
 
 
+# YAML 1.1 reads a bare `on`/`off` (in a file or a `key=on` override) as a boolean: take it as meant.
+Switch = Annotated[Literal["auto", "on", "off"],
+                   BeforeValidator(lambda v: {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v)]
+
+
 class LearnerConfig(Section):
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -148,8 +153,8 @@ class LearnerConfig(Section):
     # KL term times the (differentiable) ratio pi/pi_old: unbiased reverse-KL gradient (DeepSeek-V3.2; TRL's
     # use_bias_correction_kl, default True there); verl does not
     kl_ratio_correction: bool = False
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
-    bf16: Literal["auto", "on", "off"] = "auto"  # autocast; auto: on for CUDA
+    gradient_checkpointing: Switch = "auto"  # auto: on for CUDA
+    bf16: Switch = "auto"  # autocast; auto: on for CUDA
     keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
     # run each distinct prompt once per micro-batch and fan its KV cache out to its G samples (exact gradients;
     # needs gradient checkpointing off, ignored when it is on)

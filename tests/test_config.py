@@ -25,6 +25,15 @@ def test_overrides_keep_types():
     assert cfg.metrics.exporters == ["console"]
 
 
+@pytest.mark.parametrize("text,want", [("on", "on"), ("off", "off"), ("auto", "auto"), ("yes", "on"), ("'on'", "on")])
+def test_on_off_switches_survive_yaml_booleans(tmp_path, text, want):
+    """YAML 1.1 turns a bare on/off/yes into a boolean; the switch still means what was written."""
+    assert load_config(None, [f"learner.gradient_checkpointing={text}"]).learner.gradient_checkpointing == want
+    f = tmp_path / "c.yaml"
+    f.write_text(f"learner:\n  bf16: {text}\n")
+    assert load_config(f).learner.bf16 == want
+
+
 def test_nested_override_creates_section():
     data = apply_overrides({}, ["learner.lora.r=4"])
     assert data == {"learner": {"lora": {"r": 4}}}
