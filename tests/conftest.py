@@ -15,22 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.linux import descendants
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _children_tree(pid: int) -> set[int]:
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
-        except OSError:
-            continue
-        for k in map(int, kids):
-            if k not in out:
-                out.add(k)
-                todo.append(k)
-    return out
 
 
 # Started once per process and meant to live as long as it (multiprocessing's resource tracker, which
@@ -46,14 +33,14 @@ def _cmdline(pid: int) -> str | None:
 
 
 def _leaked(before: set[int]) -> dict[int, str]:
-    new = {pid: _cmdline(pid) for pid in _children_tree(os.getpid()) - before}
+    new = {pid: _cmdline(pid) for pid in set(descendants(os.getpid())) - before}
     return {pid: c for pid, c in new.items() if c and not any(s in c for s in _PER_PROCESS_SERVICES)}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_processes_left_behind(request):
     """Warn (in pytest's summary) about processes a test module started and left running below pytest."""
-    before = _children_tree(os.getpid())
+    before = set(descendants(os.getpid()))
     yield
     deadline = time.monotonic() + 10
     while (left := _leaked(before)) and time.monotonic() < deadline:

@@ -18,14 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _placement(actor) -> tuple[str | None, int | None]:
-    """(placement group id, bundle index) the actor process runs in, asked of the actor itself."""
+    """(placement group id, its bundle count) of the group the actor process runs in, asked of the actor."""
     import ray
 
     def ask(_self):
         ctx = ray.get_runtime_context()
         pg = ctx.get_placement_group_id()
-        bundle = ray.util.get_current_placement_group()
-        return pg, (None if bundle is None else bundle.bundle_count)
+        group = ray.util.get_current_placement_group()
+        return pg, (None if group is None else group.bundle_count)
 
     return ray.get(actor.__ray_call__.remote(ask))
 

@@ -18,6 +18,7 @@ import pytest
 import sandbox
 import sandbox.pool
 from sandbox import ExecStatus, IsolationError, Limits, SandboxPool
+from sandbox.linux import descendants
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
@@ -30,7 +31,7 @@ LIMITS = Limits(timeout_s=3.0, cpu_time_s=3.0, memory_mb=512, max_processes=32)
 @pytest.fixture(scope="module")
 def pool():
     # Processes other test modules left below this pytest process are theirs to answer for, not the pool's.
-    before = _descendants(os.getpid())
+    before = set(descendants(os.getpid()))
     with SandboxPool(LIMITS, workers=2, hang_grace_s=4.0) as p:
         p.preexisting = before
         p.baseline_tree_sizes = sorted(len(t) for t in p.worker_processes().values())
@@ -47,18 +48,6 @@ def _host_processes_named(comm: str) -> list[int]:
             except OSError:
                 pass
     return found
-
-
-def _descendants(pid: int) -> set[int]:
-    from sandbox.linux import children_of
-
-    out, todo = set(), children_of(pid)
-    while todo:
-        child = todo.pop()
-        if child not in out:
-            out.add(child)
-            todo.extend(children_of(child))
-    return out
 
 
 def _describe(pids: set[int]) -> str:
@@ -445,7 +434,7 @@ def test_nothing_left_behind_after_the_battery(pool):
     trees = pool.worker_processes()
     assert sorted(len(t) for t in trees.values()) == pool.baseline_tree_sizes
     ours = {pid for tree in trees.values() for pid in tree}
-    below_us = _descendants(os.getpid()) - pool.preexisting
+    below_us = set(descendants(os.getpid())) - pool.preexisting
     assert below_us == ours, _describe(below_us - ours)  # no snippet, daemon or monitor survived below us
     assert os.listdir(pool.scratch_root) in ([], ["slot-0", "slot-1"])
     for slot in os.listdir(pool.scratch_root):
@@ -533,9 +522,9 @@ def test_sandbox_dies_with_the_pool_process():
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
     idle_tree = [int(p) for p in owner.stdout.readline().strip("[]\n").split(",")]
     deadline = time.monotonic() + 20
-    while len(_descendants(owner.pid)) <= len(idle_tree) and time.monotonic() < deadline:
+    while len(set(descendants(owner.pid))) <= len(idle_tree) and time.monotonic() < deadline:
         time.sleep(0.05)  # until the call's snippet exists
-    tree = sorted(_descendants(owner.pid))
+    tree = sorted(set(descendants(owner.pid)))
     assert len(tree) > len(idle_tree)
     owner.kill()
     owner.wait()
