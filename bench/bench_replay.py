@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from selfplay.config import ReplayConfig
-from selfplay.replay import ReplayBuffer
+from selfplay.data.replay import ReplayBuffer
 from selfplay.types import Trajectory
 
 

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from selfplay.config import load_config
-from selfplay.driver import Driver
-from selfplay.rundir import RunDir
+from selfplay.run.driver import Driver
+from selfplay.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["propose", "solve", "verify", "practice", "learn_proposer", "learn_executor", "weight_sync", "tools",

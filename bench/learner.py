@@ -129,7 +129,7 @@ def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from selfplay.config import EngineConfig, LearnerConfig, LoraConfig, ModelConfig
-    from selfplay.learner import Learner
+    from selfplay.learner.learner import Learner
     from selfplay.models import load_causal_lm, load_tokenizer
     from selfplay.types import SamplingParams, Trajectory
 

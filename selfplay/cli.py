@@ -33,8 +33,8 @@ def run(
     """Start a self-play run (Ray starts locally unless ray.address is set)."""
     try:
         cfg = load_config(config, overrides or [])
-        from selfplay.driver import Driver
-        from selfplay.rundir import RunDir
+        from selfplay.run.driver import Driver
+        from selfplay.run.rundir import RunDir
 
         rd = RunDir.create(cfg)
     except ConfigError as e:
@@ -46,8 +46,8 @@ def run(
 @app.command()
 def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `selfplay run`")]) -> None:
     """Continue a stopped or killed run from its last checkpoint, with its identical config."""
-    from selfplay.driver import Driver
-    from selfplay.rundir import RunDir
+    from selfplay.run.driver import Driver
+    from selfplay.run.rundir import RunDir
 
     rd = RunDir(run_dir.resolve())
     try:
@@ -60,8 +60,8 @@ def resume(run_dir: Annotated[Path, typer.Argument(help="a run directory written
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument()]) -> None:
     """Where a run stands: status, iteration, and its latest scalars."""
-    from selfplay.metrics import MetricsStore
-    from selfplay.rundir import RunDir
+    from selfplay.telemetry.metrics import MetricsStore
+    from selfplay.run.rundir import RunDir
 
     rd = RunDir(run_dir.resolve())
     if not rd.config.exists():
@@ -87,7 +87,7 @@ def submit(
     wait: Annotated[bool, typer.Option(help="block until the job ends and print its logs")] = False,
 ) -> None:
     """Submit a run to a Ray cluster as a job (Ray Job Submission SDK); prints the job id."""
-    from selfplay import jobs
+    from selfplay.run import jobs
 
     try:
         job_id = jobs.submit(str(config), address, overrides or [], str(working_dir))
@@ -104,7 +104,7 @@ def submit(
 @app.command()
 def logs(job_id: str, address: AddressOpt) -> None:
     """Print a submitted job's logs."""
-    from selfplay import jobs
+    from selfplay.run import jobs
 
     typer.echo(jobs.logs(job_id, address))
 
@@ -112,7 +112,7 @@ def logs(job_id: str, address: AddressOpt) -> None:
 @app.command()
 def stop(job_id: str, address: AddressOpt) -> None:
     """Stop a submitted job (the driver checkpoints at its next safe point)."""
-    from selfplay import jobs
+    from selfplay.run import jobs
 
     typer.echo("stopping" if jobs.stop(job_id, address) else "not running")
 
@@ -135,7 +135,7 @@ def dashboard(
 
 def _register_eval() -> None:
     try:
-        from selfplay.evaluation import eval_command
+        from selfplay.evaluation.evaluate import eval_command
     except ImportError:  # evaluation extras missing: the rest of the CLI still works
         return
     app.command("eval", help="Evaluate a model (and adapter) on a benchmark: pass@1, maj@k, tool calls.")(eval_command)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from selfplay.config import load_config
-from selfplay.rundir import RunDir
+from selfplay.run.rundir import RunDir
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _placement(actor) -> tuple[str | None, int | None]:
 def test_split_placement_puts_learner_and_rollout_in_their_bundles(tmp_path):
     import ray
 
-    from selfplay.actors import Actors
+    from selfplay.run.actors import Actors
 
     cfg = load_config(REPO / "configs" / "debug.yaml",
                       ["ray.colocate=false", "engine.backend=hf", f"run_dir={tmp_path / 'run'}"])

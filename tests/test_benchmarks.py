@@ -11,7 +11,7 @@ import pytest
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication_application, parse_expr, standard_transformations
 
-from selfplay.benchmarks import (
+from selfplay.evaluation.benchmarks import (
     CATEGORIES,
     LEVELS,
     BenchmarkError,

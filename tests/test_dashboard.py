@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from selfplay.config import RunConfig, dump_config
 from selfplay.dashboard.app import create_app
 from selfplay.dashboard.demo import synthetic_iteration, write_config
-from selfplay.metrics import MetricsStore, TaskRecord
+from selfplay.telemetry.metrics import MetricsStore, TaskRecord
 
 XSS = 'Compute 2+2. <img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
 CHROMIUM = "/usr/bin/chromium"
@@ -189,7 +189,7 @@ def test_runs_without_a_store_or_with_a_broken_one_answer_clearly(tmp_path) -> N
 def test_practice_trajectories_of_older_tasks_join_their_task_and_go_on_truncate(tmp_path) -> None:
     run = tmp_path / "practice"
     write_config(run)
-    from selfplay.metrics import TrajectoryRecord
+    from selfplay.telemetry.metrics import TrajectoryRecord
 
     with MetricsStore(run / "metrics.sqlite") as store:
         store.log_tasks(2, [TaskRecord("t2", 2, "q", "7", 0.5, accepted=True)])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from selfplay.evaluation import compute_metrics, majority_index, pass_at_k, read_answers, write_answers
+from selfplay.evaluation.evaluate import compute_metrics, majority_index, pass_at_k, read_answers, write_answers
 
 
 def rec(qid, idx, answer, correct, tools=0, **extra):
@@ -91,9 +91,9 @@ def test_single_sample_and_code_metrics():
 
 import json  # noqa: E402
 
-from selfplay.benchmarks import BenchmarkItem, code_question  # noqa: E402
+from selfplay.evaluation.benchmarks import BenchmarkItem, code_question  # noqa: E402
 from selfplay.config import EvalConfig, load_config  # noqa: E402
-from selfplay.evaluation import evaluate, evaluate_during_training, score_rollouts  # noqa: E402
+from selfplay.evaluation.evaluate import evaluate, evaluate_during_training, score_rollouts  # noqa: E402
 
 # Small budgets: these tests check the pipeline end to end, not the model's skill.
 SMALL = ["executor.max_tokens_per_turn=48", "executor.max_turns=2", "sandbox.workers=2"]
@@ -203,7 +203,7 @@ def test_real_evaluation_without_tools_through_the_cli(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from selfplay.evaluation import eval_command
+    from selfplay.evaluation.evaluate import eval_command
 
     app = typer.Typer()
     app.command("eval")(eval_command)
@@ -221,7 +221,7 @@ def test_cli_reports_bad_benchmark_cleanly(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from selfplay.evaluation import eval_command
+    from selfplay.evaluation.evaluate import eval_command
 
     app = typer.Typer()
     app.command("eval")(eval_command)

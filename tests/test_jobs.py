@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from selfplay import jobs
-from selfplay.rundir import RunDir
+from selfplay.run import jobs
+from selfplay.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

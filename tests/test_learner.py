@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from selfplay.checkpoint import atomic_dir, prune_checkpoints, resolve_checkpoint, write_latest
+from selfplay.learner.checkpoint import atomic_dir, prune_checkpoints, resolve_checkpoint, write_latest
 from selfplay.config import LearnerConfig, LoraConfig, ModelConfig
-from selfplay.learner import Learner
-from selfplay.losses import PolicyLossInputs, policy_loss
-from selfplay.scoring import ChunkedTokenLogprob, pack_micro_batches
+from selfplay.learner.learner import Learner
+from selfplay.learner.losses import PolicyLossInputs, policy_loss
+from selfplay.learner.scoring import ChunkedTokenLogprob, pack_micro_batches
 from selfplay.types import Trajectory
 
 ROLE = "executor"
@@ -158,7 +158,7 @@ def reference_loss(learner: Learner, trajs: list[Trajectory], old=None):
             store.append(torch.nn.functional.pad(lp, (0, T - C)))
     logp, ref = torch.stack(rows), torch.stack(refs)
     mask = torch.tensor([t.loss_mask + [0] * (T - len(t.loss_mask)) for t in trajs], dtype=torch.float32)
-    from selfplay.losses import compute_advantages
+    from selfplay.learner.losses import compute_advantages
 
     adv = torch.tensor(compute_advantages(trajs, cfg), dtype=torch.float32)
     inp = PolicyLossInputs(logp=logp, old_logp=logp.detach() if old is None else old, advantages=adv, mask=mask,
@@ -282,7 +282,7 @@ def test_bad_input_is_rejected_and_empty_batches_skip():
 
 
 def test_replayed_advantages_are_kept_and_fresh_ones_computed():
-    from selfplay.losses import compute_advantages
+    from selfplay.learner.losses import compute_advantages
 
     learner = Learner(ModelConfig(), lora_cfg(), roles=(ROLE,), seed=0)
     batch = make_batch(groups=3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfplay.config import LearnerConfig
-from selfplay.losses import (
+from selfplay.learner.losses import (
     PolicyLossInputs,
     adpo_eps_high,
     adpo_scale,

@@ -14,8 +14,8 @@ import pytest
 
 from selfplay.config import MetricsConfig, RunConfig
 from selfplay.dashboard.demo import synthetic_iteration
-from selfplay.exporters import ConsoleExporter, TensorBoardExporter, make_exporters, mlflow_key, summary_line
-from selfplay.metrics import MetricsStore, TaskRecord, TrajectoryRecord, connect_readonly
+from selfplay.telemetry.exporters import ConsoleExporter, TensorBoardExporter, make_exporters, mlflow_key, summary_line
+from selfplay.telemetry.metrics import MetricsStore, TaskRecord, TrajectoryRecord, connect_readonly
 
 
 def _log(store: MetricsStore, it: int, seed: int) -> tuple[dict, list, list]:

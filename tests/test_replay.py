@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from selfplay.config import ReplayConfig
-from selfplay.replay import ReplayBuffer
+from selfplay.data.replay import ReplayBuffer
 from selfplay.types import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ def test_add_rejects_non_trajectories(tmp_path):
 CHILD = textwrap.dedent("""
     import sys
     from selfplay.config import ReplayConfig
-    from selfplay.replay import ReplayBuffer
+    from selfplay.data.replay import ReplayBuffer
     from selfplay.types import Trajectory
 
     directory, start = sys.argv[1], int(sys.argv[2])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from selfplay.rundir import RunDir
-from selfplay.task_pool import question_key
+from selfplay.run.rundir import RunDir
+from selfplay.data.task_pool import question_key
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def check_run_outputs(rd: RunDir, iterations: int) -> None:
 
 
 def replay_ids(rd: RunDir) -> list[tuple[str, int]]:
-    from selfplay.replay import ReplayBuffer
+    from selfplay.data.replay import ReplayBuffer
 
     buf = ReplayBuffer(rd.replay, rd.load_config().replay)
     try:
@@ -131,7 +131,7 @@ def test_debug_run_two_iterations_survives_a_killed_actor(tmp_path):
 
 def check_self_imitation(rd: RunDir) -> None:
     """The learner's advantages came back into the buffer, and iteration 2 replayed the good ones."""
-    from selfplay.replay import ReplayBuffer
+    from selfplay.data.replay import ReplayBuffer
 
     with ReplayBuffer(rd.replay, rd.load_config().replay) as buf:
         trained = [t for t in buf.trajectories() if buf.is_consumed(t.traj_id)]

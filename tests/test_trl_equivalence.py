@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("trl")
 
 from selfplay.config import LearnerConfig  # noqa: E402
-from selfplay.losses import PolicyLossInputs, group_advantages, policy_loss  # noqa: E402
+from selfplay.learner.losses import PolicyLossInputs, group_advantages, policy_loss  # noqa: E402
 
 MAX_COMPLETION = 8
 # TRL loss_type -> our aggregation (docs/losses.md)

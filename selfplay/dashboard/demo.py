@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from selfplay.config import RunConfig, dump_config
-from selfplay.metrics import MetricsStore, TaskRecord, TrajectoryRecord
+from selfplay.telemetry.metrics import MetricsStore, TaskRecord, TrajectoryRecord
 
 TOPICS = ["modular arithmetic", "combinatorics", "geometry", "probability", "number theory", "sequences"]
 STATUSES = ["ok", "error", "timeout", "memory_limit", "output_limit", "killed", "sandbox_error"]

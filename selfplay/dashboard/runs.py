@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from selfplay.config import VerifierConfig
-from selfplay.metrics import connect_readonly
+from selfplay.telemetry.metrics import connect_readonly
 
 RUN_FILES = ("metrics.sqlite", "config.yaml", "state.json", "events.jsonl")
 

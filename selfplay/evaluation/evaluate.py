@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, Iterable, Optional, Sequence
 
 import typer
 
-from selfplay.benchmarks import Benchmark, BenchmarkItem, code_check_program, extract_code, load_benchmark
+from selfplay.evaluation.benchmarks import Benchmark, BenchmarkItem, code_check_program, extract_code, load_benchmark
 from selfplay.config import EvalConfig, ExecutorConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ def _resolve_adapter(path: str | Path) -> Path:
         return path
     if not path.exists():
         raise FileNotFoundError(f"--adapter {path}: no such directory")
-    from selfplay.checkpoint import resolve_checkpoint
+    from selfplay.learner.checkpoint import resolve_checkpoint
 
     try:
         root = resolve_checkpoint(path)
@@ -386,7 +386,7 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from selfplay.benchmarks import BenchmarkError
+    from selfplay.evaluation.benchmarks import BenchmarkError
     from selfplay.config import ConfigError, load_config
 
     console = Console(stderr=True)

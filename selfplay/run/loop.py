@@ -7,7 +7,7 @@
 5. practice:       the executor samples groups on pool tasks, rewarded against the pseudo-labels;
 6. learn/publish:  GRPO/ADPO updates from the replay buffer; new adapters reach the rollout engine.
 
-Steps talk to Ray actor handles (selfplay/actors.py); the math lives in roles/ and selfplay/losses.py.
+Steps talk to Ray actor handles (selfplay/run/actors.py); the math lives in roles/ and selfplay/learner/losses.py.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import ray
 
 from roles.proposer_reward import score_batch
 from selfplay.config import RunConfig
-from selfplay.metrics import TaskRecord, TrajectoryRecord
-from selfplay.replay import ReplayBuffer
-from selfplay.rollout_worker import record_published
-from selfplay.rundir import RunDir
-from selfplay.task_pool import PoolTask, TaskPool
+from selfplay.telemetry.metrics import TaskRecord, TrajectoryRecord
+from selfplay.data.replay import ReplayBuffer
+from selfplay.run.rundir import record_published
+from selfplay.run.rundir import RunDir
+from selfplay.data.task_pool import PoolTask, TaskPool
 from selfplay.types import Trajectory
 
 SANDBOX_STATUSES = ("ok", "error", "timeout", "memory_limit", "output_limit", "killed", "sandbox_error")

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from selfplay.config import RunConfig
-from selfplay.rundir import RunDir
+from selfplay.run.rundir import RunDir
 
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
 
@@ -94,7 +94,7 @@ class LearnerActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
         import torch
 
-        from selfplay.learner import Learner
+        from selfplay.learner.learner import Learner
 
         torch.set_num_threads(_threads(cfg))
         self.learner = Learner(cfg.model, cfg.learner, seed=cfg.seed)
@@ -126,12 +126,17 @@ class LearnerActor(_Busy):
 
 class RolloutActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any):
-        from selfplay.rollout_worker import RolloutWorker
+        from selfplay.rollout.worker import RolloutWorker
 
         def run_many(codes: list[str], **kwargs: Any) -> list:
             return ray.get(sandbox.run_many.remote(codes, **kwargs))
 
-        self.worker = RolloutWorker(cfg, run_many, adapters_dir=str(rd.adapters), threads=_threads(cfg))
+        from selfplay.run.rundir import published_adapters
+        from selfplay.types import AdapterUpdate
+
+        adapters = [AdapterUpdate(role, info["path"], info["version"])
+                    for role, info in published_adapters(rd.adapters).items()]
+        self.worker = RolloutWorker(cfg, run_many, initial_adapters=adapters, threads=_threads(cfg))
         _started(rd, "rollout")
 
     @busy

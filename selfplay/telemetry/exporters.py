@@ -1,6 +1,6 @@
 """Optional views of a run's scalars in other tools: console, TensorBoard, Weights & Biases, MLflow.
 
-The metrics store (`selfplay/metrics.py`) is the source of truth; an exporter only mirrors the scalars
+The metrics store (`selfplay/telemetry/metrics.py`) is the source of truth; an exporter only mirrors the scalars
 the store receives. Choose them with `metrics.exporters` in the run config. wandb and mlflow are imported
 only when selected, and a missing package fails at start with the pip command, not mid-run.
 

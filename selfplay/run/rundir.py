@@ -116,3 +116,19 @@ class RunDir:
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
         return out
+
+
+# ------------------------------------------------------------------------------- published adapters
+PUBLISHED = "published.json"
+
+
+def published_adapters(adapters_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """role -> {"path", "version"} of the adapters last pushed to the engines."""
+    f = Path(adapters_dir) / PUBLISHED
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def record_published(adapters_dir: str | os.PathLike, role: str, path: str, version: int) -> None:
+    data = published_adapters(adapters_dir)
+    data[role] = {"path": str(path), "version": int(version)}
+    write_atomic(Path(adapters_dir) / PUBLISHED, json.dumps(data, indent=1))

@@ -20,9 +20,9 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from selfplay.actors import Actors, restart_counts
-from selfplay.loop import Context, StopRequested, run_iteration
-from selfplay.rundir import RunDir
+from selfplay.run.actors import Actors, restart_counts
+from selfplay.run.loop import Context, StopRequested, run_iteration
+from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
 
@@ -64,10 +64,10 @@ class Driver:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> int:
-        from selfplay.exporters import make_exporters
-        from selfplay.metrics import MetricsStore
-        from selfplay.replay import ReplayBuffer
-        from selfplay.task_pool import TaskPool
+        from selfplay.telemetry.exporters import make_exporters
+        from selfplay.telemetry.metrics import MetricsStore
+        from selfplay.data.replay import ReplayBuffer
+        from selfplay.data.task_pool import TaskPool
 
         cfg, rd = self.cfg, self.rd
         _setup_logging(rd)
@@ -163,7 +163,7 @@ class Driver:
 
     def _republish(self, ctx: Context) -> None:
         """After a resume the engine may hold adapters from the lost iteration: push the committed ones."""
-        from selfplay.rollout_worker import record_published
+        from selfplay.run.rundir import record_published
 
         for role, version in ctx.versions.items():
             if version <= 0:

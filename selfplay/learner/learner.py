@@ -4,7 +4,7 @@ Why it looks like this (docs/learner.md has the long form):
 - Memory: one copy of the base weights; peft adds one adapter per role and `set_adapter(role)` picks the
   one a step trains; each role has its own AdamW over its own adapter only. The KL reference is the base
   with adapters disabled (verl does the same: `disable_adapter()`), so there is no second model copy.
-- Compute (selfplay/scoring.py): the LM head runs only on the hidden states of trained completion tokens,
+- Compute (selfplay/learner/scoring.py): the LM head runs only on the hidden states of trained completion tokens,
   and each distinct prompt runs once per micro-batch with its KV cache fanned out to its G samples (prompt
   sharing; exact gradients). Logits are divided by the sampling temperature (TRL).
 - The proximal ("old") log-probs come free: weights do not change before the epoch's optimizer step, so
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfplay.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
+from selfplay.learner.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
                                  write_latest)
 from selfplay.config import LearnerConfig, ModelConfig
-from selfplay.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
+from selfplay.learner.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
-from selfplay.scoring import MicroBatch, build_micro_batches, token_logprobs
+from selfplay.learner.scoring import MicroBatch, build_micro_batches, token_logprobs
 from selfplay.types import AdapterUpdate, FullWeightsUpdate, Trajectory
 
 log = logging.getLogger(__name__)

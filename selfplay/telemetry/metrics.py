@@ -6,7 +6,7 @@ keyed by (iteration, key), task_id or traj_id, and `truncate_after` drops what a
 its last checkpoint, so a resumed run continues the same store with no duplicates. Each write transaction
 bumps a `revision` counter the dashboard polls to notice new data cheaply.
 
-Exporters (console, TensorBoard, wandb, mlflow: `selfplay/exporters.py`) receive the same scalars when
+Exporters (console, TensorBoard, wandb, mlflow: `selfplay/telemetry/exporters.py`) receive the same scalars when
 passed to the store; the store is the source of truth, the exporters are views.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
-    from selfplay.exporters import Exporter
+    from selfplay.telemetry.exporters import Exporter
 
 log = logging.getLogger(__name__)
 

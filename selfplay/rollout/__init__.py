@@ -1,0 +1,1 @@
+"""Generation for both roles: the rollout worker (engine + proposer + executor)."""

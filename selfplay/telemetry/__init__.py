@@ -1,0 +1,1 @@
+"""Metrics: the SQLite store the dashboard reads, and exporters (console, TensorBoard, W&B, MLflow)."""
