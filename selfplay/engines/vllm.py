@@ -5,7 +5,7 @@ vLLM runs its engine core and model worker in spawned processes; this module kee
 a worker extension (`WeightSync`) that vLLM imports into the worker. vLLM itself is imported lazily,
 so the package works without it.
 
-Settings that matter (shared/reference/engines.md, measured on the 2-core dev machines):
+Settings that matter (docs/anchors.md, measured on the 2-core dev machines):
 - logprobs_mode="processed_logprobs": logprobs of the temperature-scaled, top-k/top-p-filtered
   distribution the token was drawn from; the hf backend computes the same (engines/sampling.py).
 - CPU: fp32 (bf16 was ~3x slower without AMX), enforce_eager, KV cache from `VLLM_CPU_KVCACHE_SPACE`

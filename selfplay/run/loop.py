@@ -1,4 +1,4 @@
-"""One co-evolution iteration, Agent0-style (shared/reference/algorithms.md), each step its own function:
+"""One co-evolution iteration, Agent0-style (docs/anchors.md), each step its own function:
 
 1. propose:        the proposer samples candidate tasks (groups of `proposer.group_size` per prompt);
 2. solve + verify: the executor answers each parseable candidate k times with tools; majority vote -> p_hat;
