@@ -55,6 +55,10 @@ class SandboxConfig(Section):
     preimport: list[str] = Field(default_factory=lambda: ["math", "numpy", "sympy", "fractions", "itertools"])
     # The weakest isolation a run accepts; the runtime refuses to start below it (see `python -m sandbox doctor`).
     min_isolation: Literal["rlimits", "namespaces", "full"] = "rlimits"
+    # A run stops (before training on them) when more than this share of an iteration's tool calls end in
+    # sandbox_error, counted once the iteration has made at least `min_calls_for_error_rate` calls.
+    max_error_rate: float = Field(0.2, ge=0, le=1)
+    min_calls_for_error_rate: int = Field(5, ge=1)
 
 
 class ProposerConfig(Section):

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfplay.run.actors import Actors, restart_counts
-from selfplay.run.loop import Context, StopRequested, run_iteration
+from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration
 from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
@@ -121,6 +121,9 @@ class Driver:
                 if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
                     ctx.on_stage("evaluate")
                     result.scalars.update(self._evaluate(ctx, it))
+                    # evaluation is a stage of the iteration's wall time too
+                    result.scalars["time/stage/eval"] = result.scalars.get("time/eval", 0.0)
+                    result.scalars["time/total"] += result.scalars["time/stage/eval"]
                 restarts = restart_counts(rd)
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
                 store.log_tasks(it, result.tasks)
@@ -137,6 +140,10 @@ class Driver:
                   f"resume with: selfplay resume {rd.root}"
             log.warning(msg)
             print(msg, file=sys.stderr)
+        except SandboxUnhealthy as e:  # the run's own verdict, not a bug: one line, no traceback
+            status, code = "failed", 1
+            log.error("%s", e)
+            print(f"error: {e}", file=sys.stderr)
         except Exception:
             log.exception("run failed")
             raise

@@ -46,9 +46,17 @@ class Context:
     on_stage: Any = lambda stage: None  # callable: the driver's progress display
 
 
+class Scalars(dict):
+    """An iteration's scalars, plus the stack of open `timed` stages that keeps `time/stage/*` disjoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[list] = []  # [stage, started_at] of the stages entered and not yet left
+
+
 @dataclass
 class IterationResult:
-    scalars: dict[str, float] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=Scalars)
     tasks: list[TaskRecord] = field(default_factory=list)
     trajectories: list[TrajectoryRecord] = field(default_factory=list)
 
@@ -59,11 +67,26 @@ class StopRequested(Exception):
 
 @contextmanager
 def timed(scalars: dict[str, float], stage: str) -> Iterator[None]:
+    """`time/<stage>`: seconds inside the block (nested blocks included). On a `Scalars`, also
+    `time/stage/<stage>`: seconds exclusively in it (a nested stage pauses the one around it), so the
+    stages are disjoint and, with `time/stage/other`, sum to the iteration's wall time."""
     t0 = time.perf_counter()
+    stack = getattr(scalars, "open", None)
+    if stack:
+        outer = stack[-1]
+        scalars[f"time/stage/{outer[0]}"] = scalars.get(f"time/stage/{outer[0]}", 0.0) + t0 - outer[1]
+    if stack is not None:
+        stack.append([stage, t0])
     try:
         yield
     finally:
-        scalars[f"time/{stage}"] = scalars.get(f"time/{stage}", 0.0) + time.perf_counter() - t0
+        now = time.perf_counter()
+        scalars[f"time/{stage}"] = scalars.get(f"time/{stage}", 0.0) + now - t0
+        if stack is not None:
+            _, since = stack.pop()
+            scalars[f"time/stage/{stage}"] = scalars.get(f"time/stage/{stage}", 0.0) + now - since
+            if stack:
+                stack[-1][1] = now  # the outer stage resumes
 
 
 def _seed(cfg: RunConfig, iteration: int, stage: int) -> int:
@@ -209,21 +232,24 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
         proposals = propose(ctx, iteration)
     _safe_point(ctx, "solve + verify")
     rollouts, votes = solve_and_vote(ctx, proposals, s)
+    check_sandbox(ctx, rollouts.values())
     _safe_point(ctx, "reward + learn proposer")
-    rewards = reward_proposals(ctx, proposals, rollouts, votes)
-    proposer_trajs = []
-    for p, r in zip(proposals, rewards):
-        t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
-        t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
-        proposer_trajs.append(t)
-    ctx.replay.add(proposer_trajs)
-    admitted, reasons = admit(ctx, iteration, proposals, votes)
+    with timed(s, "reward"):
+        rewards = reward_proposals(ctx, proposals, rollouts, votes)
+        proposer_trajs = []
+        for p, r in zip(proposals, rewards):
+            t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
+            t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
+            proposer_trajs.append(t)
+        ctx.replay.add(proposer_trajs)
+        admitted, reasons = admit(ctx, iteration, proposals, votes)
     # The proposer's update touches only its adapter: it runs on the learner while the executor practises.
     proposer_futures, _ = learn(ctx, "proposer", cfg.loop.proposer_updates)
     if not cfg.loop.overlap:
         finish_learning(ctx, "proposer", proposer_futures, s)
     _safe_point(ctx, "practice")
     executor_trajs, practice_rollouts = practice(ctx, iteration, s)
+    check_sandbox(ctx, list(rollouts.values()) + [practice_rollouts])
     ctx.replay.add(executor_trajs)
     if cfg.loop.overlap:
         finish_learning(ctx, "proposer", proposer_futures, s)
@@ -233,23 +259,48 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
 
     _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
                executor_trajs)
-    stages = ("propose", "solve", "verify", "practice", "learn_proposer", "learn_executor", "weight_sync")
-    s["time/total"] = time.perf_counter() - t0
     s["time/tools"] = sum(c.duration_s for g in rollouts.values() for r in g for c in r.tool_calls) + sum(
         c.duration_s for r in practice_rollouts for c in r.tool_calls)
-    s["time/overhead"] = max(0.0, s["time/total"] - sum(s.get(f"time/{k}", 0.0) for k in stages))
-    # Orchestration = wall time no actor spent working (Ray calls, serialisation, driver bookkeeping).
-    # The sandbox works inside rollout calls, so it is not added again. Overlapped steps make the sum an
-    # over-count, so the figure is only reported for sequential iterations.
+    # Busy seconds per actor since the last iteration: they overlap each other (and the driver's stages), so
+    # they are reported beside the stage split, never stacked with it. Orchestration = wall time no actor
+    # spent working (Ray calls, serialisation, driver bookkeeping); only meaningful when nothing overlaps.
     a = ctx.actors
-    busy = dict(zip(("rollout", "verifier", "learner"),
-                    ray.get([x.busy_seconds.remote() for x in (a.rollout, a.verifier, a.learner)])))
+    busy = dict(zip(("rollout", "verifier", "learner", "sandbox"),
+                    ray.get([x.busy_seconds.remote() for x in (a.rollout, a.verifier, a.learner, a.sandbox)])))
     for name, sec in busy.items():
-        s[f"time/actor/{name}"] = sec
+        s[f"time/busy/{name}"] = sec
+    finish_timeline(s, t0)
     if not cfg.loop.overlap:
-        s["time/orchestration"] = max(0.0, s["time/total"] - sum(busy.values()))
+        # the sandbox works inside rollout calls: not added again
+        s["time/orchestration"] = max(0.0, s["time/total"] - sum(v for k, v in busy.items() if k != "sandbox"))
         s["time/orchestration_share"] = s["time/orchestration"] / s["time/total"]
     return out
+
+
+def finish_timeline(s: dict[str, float], t0: float) -> None:
+    """`time/total` and `time/stage/other`, the wall time in no named stage: the stages then sum to the total."""
+    s["time/total"] = time.perf_counter() - t0
+    named = sum(v for k, v in s.items() if k.startswith("time/stage/") and k != "time/stage/other")
+    s["time/stage/other"] = max(0.0, s["time/total"] - named)
+
+
+class SandboxUnhealthy(RuntimeError):
+    """Too many tool calls failed inside the sandbox itself: the executor has no working tool."""
+
+
+def check_sandbox(ctx: Context, groups) -> None:
+    """Stop the run before it trains on a broken tool: more than `sandbox.max_error_rate` of this iteration's
+    calls (at least `sandbox.min_calls_for_error_rate`) ended in `sandbox_error`."""
+    calls = [c for group in groups for r in group for c in r.tool_calls]
+    failed = [c for c in calls if c.status == "sandbox_error"]
+    sc = ctx.cfg.sandbox
+    if len(calls) >= sc.min_calls_for_error_rate and len(failed) / len(calls) > sc.max_error_rate:
+        detail = " ".join(failed[-1].observation.replace("```output", "").replace("```", "").split())[:300]
+        msg = (f"sandbox broken: {len(failed)} of {len(calls)} tool calls failed inside the sandbox "
+               f"(> sandbox.max_error_rate={sc.max_error_rate}); last error: {detail}. "
+               f"Run `python -m sandbox doctor` to see which mechanism fails.")
+        ctx.rd.event("sandbox_unhealthy", calls=len(calls), errors=len(failed), last_error=detail)
+        raise SandboxUnhealthy(msg)
 
 
 def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
@@ -271,6 +322,9 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
     statuses = Counter(st for r in all_rollouts for st in r.statuses)
     for st in SANDBOX_STATUSES:
         s[f"sandbox/status/{st}"] = float(statuses.get(st, 0))
+    calls = sum(statuses.values())
+    s["sandbox/calls"] = float(calls)
+    s["sandbox/error_rate"] = statuses.get("sandbox_error", 0) / calls if calls else 0.0
     if all_rollouts:
         s["executor/tool_calls_mean"] = sum(r.n_tool_calls for r in all_rollouts) / len(all_rollouts)
         s["parse_failures/executor"] = float(sum(bool(r.malformed) for r in all_rollouts))

@@ -54,6 +54,10 @@ def summary_line(iteration: int, scalars: Mapping[str, float]) -> str:
     for key in sorted(scalars):
         if key.startswith("eval/") and key.endswith("/pass@1") and (v := _pick(scalars, key)) is not None:
             parts.append(f"{key[5:-7]} pass@1 {v:.3f}")
+    calls, err = _pick(scalars, "sandbox/calls"), _pick(scalars, "sandbox/error_rate")
+    if calls:  # sandbox health: a run must never look fine while its tool fails
+        failed = round((err or 0.0) * calls)
+        parts.append(f"SANDBOX FAILING {failed}/{calls:.0f}" if failed else f"sandbox ok {calls:.0f} calls")
     restarts = _pick(scalars, "faults/actor_restarts")
     if restarts:
         parts.append(f"restarts {restarts:.0f}")
@@ -71,7 +75,11 @@ class ConsoleExporter:
         self.console = console or Console(highlight=False, soft_wrap=True)
 
     def log_scalars(self, iteration: int, scalars: Mapping[str, float]) -> None:
-        self.console.print(summary_line(iteration, scalars), markup=False)
+        from rich.text import Text
+
+        line = Text(summary_line(iteration, scalars))
+        line.highlight_regex(r"SANDBOX FAILING \S+", "bold red")
+        self.console.print(line)
 
     def close(self) -> None:
         pass
