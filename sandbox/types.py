@@ -2,7 +2,7 @@
 and what isolation the host gave us (`IsolationReport`).
 
 `Limits` field names match `selfplay.config.SandboxConfig` one to one, so a caller can write
-`Limits(**cfg.sandbox.model_dump(exclude={"workers", "min_isolation"}))`; this package never imports selfplay.
+`Limits(**cfg.sandbox.limit_values())`; this package never imports selfplay.
 """
 from __future__ import annotations
 

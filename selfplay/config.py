@@ -7,7 +7,7 @@ anchors' values (Agent0, verl, TRL), cited where they come from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -59,6 +59,14 @@ class SandboxConfig(Section):
     # sandbox_error, counted once the iteration has made at least `min_calls_for_error_rate` calls.
     max_error_rate: float = Field(0.2, ge=0, le=1)
     min_calls_for_error_rate: int = Field(5, ge=1)
+
+    # Fields that configure the pool or the run, not one call: everything else maps onto sandbox.Limits.
+    POOL_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "min_isolation", "max_error_rate", "min_calls_for_error_rate"})
+
+    def limit_values(self) -> dict:
+        """The per-call limits, as keyword arguments of `sandbox.Limits`."""
+        return self.model_dump(exclude=set(self.POOL_FIELDS))
 
 
 class ProposerConfig(Section):

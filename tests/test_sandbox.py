@@ -173,7 +173,7 @@ def test_limits_field_names_match_the_config_section():
     from selfplay.config import SandboxConfig
 
     cfg = SandboxConfig()
-    assert Limits(**cfg.model_dump(exclude={"workers", "min_isolation"})) == Limits()
+    assert Limits(**cfg.limit_values()) == Limits()
     custom = SandboxConfig(timeout_s=2.5, memory_mb=300, preimport=["math"], workers=1)
     with SandboxPool.from_config(custom) as p:
         assert (p.limits.timeout_s, p.limits.memory_mb, p.limits.preimport, p.workers) == (2.5, 300, ("math",), 1)

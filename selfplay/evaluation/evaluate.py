@@ -218,7 +218,7 @@ def run_benchmark(bench: Benchmark, executor: Any, verifier: Any, samples: int, 
 def _open_sandbox(run_cfg: RunConfig) -> Any:
     from sandbox import Limits, SandboxPool
 
-    limits = Limits(**run_cfg.sandbox.model_dump(exclude={"workers", "min_isolation"}))
+    limits = Limits(**run_cfg.sandbox.limit_values())
     return SandboxPool(limits=limits, workers=run_cfg.sandbox.workers, min_isolation=run_cfg.sandbox.min_isolation)
 
 
