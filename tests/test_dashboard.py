@@ -204,13 +204,17 @@ def test_practice_trajectories_of_older_tasks_join_their_task_and_go_on_truncate
 
 
 def test_events_are_the_last_readable_lines(tmp_path) -> None:
+    """The newest readable events, oldest first, without the loop's per-stage progress markers."""
     run = tmp_path / "ev"
     write_config(run)
-    lines = [f'{{"t": {i}, "event": "actor_restart", "actor": "rollout-{i}"}}' for i in range(5)]
+    lines = []
+    for i in range(5):
+        lines.append(f'{{"t": {i}, "event": "actor_restart", "actor": "rollout-{i}"}}')
+        lines.append(f'{{"t": {i}, "event": "stage", "iteration": {i}, "stage": "propose", "phase": "start"}}')
     (run / "events.jsonl").write_text("\n".join(lines) + '\n{"t": 9, "event": "res')  # last line cut by a kill
     c = TestClient(create_app([run]), base_url="http://127.0.0.1")
     got = c.get("/api/runs/ev/events", params={"limit": 3}).json()
-    assert [e["actor"] for e in got] == ["rollout-3", "rollout-4"]
+    assert [e["actor"] for e in got] == ["rollout-2", "rollout-3", "rollout-4"]
 
 
 def test_new_iterations_and_nan_values_reach_the_api(tmp_path) -> None:

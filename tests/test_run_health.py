@@ -9,7 +9,8 @@ import pytest
 
 from roles.executor import Rollout, ToolCall
 from selfplay.config import RunConfig
-from selfplay.run.loop import SandboxUnhealthy, Scalars, check_sandbox, finish_timeline, timed
+from selfplay.run.loop import (SandboxUnhealthy, Scalars, StopRequested, check_sandbox, finish_timeline, stage,
+                               timed)
 from selfplay.run.rundir import RunDir
 
 
@@ -73,6 +74,27 @@ def test_check_sandbox_tolerates_the_configured_share_and_small_samples(tmp_path
     strict = _ctx(tmp_path / "b", max_error_rate=0.0, min_calls_for_error_rate=1)
     with pytest.raises(SandboxUnhealthy):
         check_sandbox(strict, [_rollouts(["sandbox_error"])])
+
+
+def test_stage_events_mark_every_boundary_and_a_stop_request_lands_before_the_next(tmp_path):
+    """`stage` writes {"event": "stage", iteration, stage, phase} at both ends of a step (the resume test kills
+    the driver on them); a step that raised has no "end"; a stop request raises before the next "start"."""
+    ctx = _ctx(tmp_path)
+    stop, shown = [False], []
+    ctx.stop_requested, ctx.on_stage = (lambda: stop[0]), shown.append
+    with stage(ctx, 3, "propose"):
+        pass
+    with pytest.raises(ValueError), stage(ctx, 3, "solve"):
+        raise ValueError("step failed")
+    stop[0] = True
+    with stage(ctx, 3, "commit", safe_point=False):  # the driver's commit is no safe point
+        pass
+    with pytest.raises(StopRequested), stage(ctx, 3, "practice"):
+        raise AssertionError("a stopped run must not start the next step")
+    got = [(e["iteration"], e["stage"], e["phase"]) for e in ctx.rd.read_events() if e["event"] == "stage"]
+    assert got == [(3, "propose", "start"), (3, "propose", "end"), (3, "solve", "start"),
+                   (3, "commit", "start"), (3, "commit", "end")]
+    assert shown == ["propose", "solve", "commit"]
 
 
 @pytest.mark.slow

@@ -81,19 +81,22 @@ class Run:
         return {k: data.get(k) for k in ("status", "iteration", "updated_at")} if isinstance(data, dict) else {}
 
     def events(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` lines of events.jsonl (faults, restarts, resumes); unreadable lines skipped."""
+        """The newest `limit` events of events.jsonl (faults, restarts, resumes), oldest first; unreadable lines
+        and the loop's `stage` progress markers (many per iteration) skipped."""
         path = self.file("events.jsonl")
         if path is None:
             return []
-        out = []
-        for line in path.read_text(errors="replace").splitlines()[-limit:]:
+        out: list[dict[str, Any]] = []
+        for line in reversed(path.read_text(errors="replace").splitlines()):
+            if len(out) >= limit:
+                break
             try:
                 event = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill
-            if isinstance(event, dict):
+            if isinstance(event, dict) and event.get("event") != "stage":
                 out.append(event)
-        return out
+        return out[::-1]
 
 
 def _number(value: Any, default: float) -> float:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfplay.run.actors import Actors, restart_counts
-from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration
+from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
@@ -119,19 +119,22 @@ class Driver:
                     raise StopRequested()
                 result = run_iteration(ctx, it)
                 if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
-                    ctx.on_stage("evaluate")
-                    result.scalars.update(self._evaluate(ctx, it))
+                    with stage(ctx, it, "evaluate", safe_point=False):
+                        result.scalars.update(self._evaluate(ctx, it))
                     # evaluation is a stage of the iteration's wall time too
                     result.scalars["time/stage/eval"] = result.scalars.get("time/eval", 0.0)
                     result.scalars["time/total"] += result.scalars["time/stage/eval"]
                 restarts = restart_counts(rd)
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
-                store.log_tasks(it, result.tasks)
-                store.log_trajectories(it, result.trajectories)
-                store.log_scalars(it, result.scalars)
-                if it % cfg.loop.checkpoint_every == 0 or it == cfg.loop.iterations:
-                    ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
-                    rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
+                # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere
+                # in here leaves iteration `it` uncommitted, and a resume drops what it had written
+                with stage(ctx, it, "commit", safe_point=False):
+                    store.log_tasks(it, result.tasks)
+                    store.log_trajectories(it, result.trajectories)
+                    store.log_scalars(it, result.scalars)
+                    if it % cfg.loop.checkpoint_every == 0 or it == cfg.loop.iterations:
+                        ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
+                        rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
                 progress.update(bar, completed=it, stage="")
             status, code = "finished", 0
         except (StopRequested, KeyboardInterrupt):

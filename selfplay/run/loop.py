@@ -100,6 +100,21 @@ def _safe_point(ctx: Context, next_stage: str) -> None:
     ctx.on_stage(next_stage)
 
 
+@contextmanager
+def stage(ctx: Context, iteration: int, name: str, safe_point: bool = True) -> Iterator[None]:
+    """One top-level step of an iteration: a safe point (unless `safe_point=False`: the driver's evaluate and
+    commit finish an iteration whose work is done), then `stage` events around it in events.jsonl
+    ({"event": "stage", "iteration", "stage", "phase": "start"|"end"}); "end" only when the step returned.
+    Tools and tests read them to see where a run is (tests kill the driver at exact boundaries)."""
+    if safe_point:
+        _safe_point(ctx, name)
+    else:
+        ctx.on_stage(name)
+    ctx.rd.event("stage", iteration=iteration, stage=name, phase="start")
+    yield
+    ctx.rd.event("stage", iteration=iteration, stage=name, phase="end")
+
+
 # ---------------------------------------------------------------------------------------------- steps
 def propose(ctx: Context, iteration: int) -> list:
     """Step 1: candidate tasks, conditioned on a few earlier pool tasks."""
@@ -227,35 +242,36 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
     s = out.scalars
     t0 = time.perf_counter()
 
-    _safe_point(ctx, "propose")
-    with timed(s, "propose"):
+    with stage(ctx, iteration, "propose"), timed(s, "propose"):
         proposals = propose(ctx, iteration)
-    _safe_point(ctx, "solve + verify")
-    rollouts, votes = solve_and_vote(ctx, proposals, s)
-    check_sandbox(ctx, rollouts.values())
-    _safe_point(ctx, "reward + learn proposer")
-    with timed(s, "reward"):
-        rewards = reward_proposals(ctx, proposals, rollouts, votes)
-        proposer_trajs = []
-        for p, r in zip(proposals, rewards):
-            t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
-            t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
-            proposer_trajs.append(t)
-        ctx.replay.add(proposer_trajs)
-        admitted, reasons = admit(ctx, iteration, proposals, votes)
-    # The proposer's update touches only its adapter: it runs on the learner while the executor practises.
-    proposer_futures, _ = learn(ctx, "proposer", cfg.loop.proposer_updates)
+    with stage(ctx, iteration, "solve"):
+        rollouts, votes = solve_and_vote(ctx, proposals, s)
+        check_sandbox(ctx, rollouts.values())
+    with stage(ctx, iteration, "reward"):
+        with timed(s, "reward"):
+            rewards = reward_proposals(ctx, proposals, rollouts, votes)
+            proposer_trajs = []
+            for p, r in zip(proposals, rewards):
+                t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
+                t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
+                proposer_trajs.append(t)
+            ctx.replay.add(proposer_trajs)
+            admitted, reasons = admit(ctx, iteration, proposals, votes)
+        # The proposer's update touches only its adapter: it runs on the learner while the executor practises.
+        proposer_futures, _ = learn(ctx, "proposer", cfg.loop.proposer_updates)
     if not cfg.loop.overlap:
-        finish_learning(ctx, "proposer", proposer_futures, s)
-    _safe_point(ctx, "practice")
-    executor_trajs, practice_rollouts = practice(ctx, iteration, s)
-    check_sandbox(ctx, list(rollouts.values()) + [practice_rollouts])
-    ctx.replay.add(executor_trajs)
+        with stage(ctx, iteration, "learn_proposer"):
+            finish_learning(ctx, "proposer", proposer_futures, s)
+    with stage(ctx, iteration, "practice"):
+        executor_trajs, practice_rollouts = practice(ctx, iteration, s)
+        check_sandbox(ctx, list(rollouts.values()) + [practice_rollouts])
+        ctx.replay.add(executor_trajs)
     if cfg.loop.overlap:
-        finish_learning(ctx, "proposer", proposer_futures, s)
-    _safe_point(ctx, "learn executor")
-    executor_futures, _ = learn(ctx, "executor", cfg.loop.executor_updates)
-    finish_learning(ctx, "executor", executor_futures, s)
+        with stage(ctx, iteration, "learn_proposer"):
+            finish_learning(ctx, "proposer", proposer_futures, s)
+    with stage(ctx, iteration, "learn_executor"):
+        executor_futures, _ = learn(ctx, "executor", cfg.loop.executor_updates)
+        finish_learning(ctx, "executor", executor_futures, s)
 
     _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
                executor_trajs)

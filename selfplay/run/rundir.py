@@ -2,7 +2,7 @@
 
     <run_dir>/config.yaml        resolved config (resume refuses a different one)
     <run_dir>/state.json         status, last completed iteration, driver pid (written atomically)
-    <run_dir>/events.jsonl       faults, restarts, resumes, signals (append-only)
+    <run_dir>/events.jsonl       faults, restarts, resumes, signals, stage boundaries (append-only)
     <run_dir>/checkpoints/       learner checkpoints, one per completed iteration (+ `latest`)
     <run_dir>/adapters/          the adapters published to the rollout engines
     <run_dir>/pool.jsonl         accepted tasks with pseudo-labels
