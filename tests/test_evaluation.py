@@ -244,6 +244,9 @@ def test_evaluate_during_training_returns_named_scalars(tmp_path, pool, verifier
     finally:
         engine.close()
     assert set(scalars) == {"eval/generated/pass@1", "eval/generated/maj@k", "eval/generated/tool_calls_mean",
-                            "eval/generated/answered"}
+                            "eval/generated/answered", "eval/generated/pass@1_ci95_lo",
+                            "eval/generated/pass@1_ci95_hi"}
+    assert scalars["eval/generated/pass@1_ci95_lo"] <= scalars["eval/generated/pass@1"] <= \
+        scalars["eval/generated/pass@1_ci95_hi"]
     assert 0 <= scalars["eval/generated/pass@1"] <= 1 and scalars["eval/generated/tool_calls_mean"] == 0
     assert len(read_answers(tmp_path / "iter-00003" / "answers.parquet")) == 2

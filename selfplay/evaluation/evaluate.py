@@ -22,6 +22,7 @@ from typing import Annotated, Any, Callable, Iterable, Optional, Sequence
 import typer
 
 from selfplay.evaluation.benchmarks import Benchmark, BenchmarkItem, code_check_program, extract_code, load_benchmark
+from selfplay.evaluation.stats import wilson_interval
 from selfplay.config import EvalConfig, ExecutorConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def compute_metrics(records: Iterable[dict[str, Any]], same: Callable[[str, str]
     tool_calls_mean: mean tool calls per sample; answered: share of samples with an extracted answer.
     pass@1/<category>, pass@1/level<N>: pass@1 within each category and level, when records carry them
     (the generated benchmark).
+    pass@1_ci95_lo/_hi, maj@k_ci95_lo/_hi: Wilson 95% intervals over items (selfplay/evaluation/stats.py;
+    with k > 1 samples the per-item scores vary less than a coin, so the pass@1 interval is conservative).
     """
     items: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -105,6 +108,10 @@ def compute_metrics(records: Iterable[dict[str, Any]], same: Callable[[str, str]
             idx = majority_index([r["answer"] for r in rows], same)
             votes.append(idx is not None and bool(rows[idx]["correct"]))
         out[f"maj@{k}"] = statistics.fmean(float(v) for v in votes)
+    for name in ("pass@1", f"maj@{k}"):
+        if name in out:
+            out[f"{name}_ci95_lo"], out[f"{name}_ci95_hi"] = wilson_interval(
+                min(len(items), out[name] * len(items)), len(items))
     groups: dict[str, list[float]] = defaultdict(list)
     for qid, rows in items.items():
         if rows[0].get("category") is not None:
@@ -357,6 +364,8 @@ def evaluate_during_training(engine: Any, executor: Any, verifier: Any, cfg: Eva
                       metrics, started, time.time())
     k = cfg.samples
     out = {f"eval/{bench.name}/pass@1": metrics["pass@1"],
+           f"eval/{bench.name}/pass@1_ci95_lo": metrics["pass@1_ci95_lo"],
+           f"eval/{bench.name}/pass@1_ci95_hi": metrics["pass@1_ci95_hi"],
            f"eval/{bench.name}/tool_calls_mean": metrics["tool_calls_mean"],
            f"eval/{bench.name}/answered": metrics["answered"]}
     if f"maj@{k}" in metrics:
@@ -365,7 +374,7 @@ def evaluate_during_training(engine: Any, executor: Any, verifier: Any, cfg: Eva
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", help="local path, hub id, or 'embedded'")],
+    model: Annotated[Optional[str], typer.Option("--model", help="local path, hub id, or 'embedded'")] = None,
     benchmark: Annotated[str, typer.Option("--benchmark", help="gsm8k, math500, aime24, humaneval, generated, or a "
                                            "JSONL/JSON/Parquet/CSV file")] = "generated",
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="peft adapter dir or training checkpoint")] = None,
@@ -381,6 +390,9 @@ def eval_command(
                                                           "executor.temperature for k>1")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="run YAML supplying executor/sandbox/verifier settings")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="dotted override, e.g. executor.max_turns=2")] = None,
+    compare: Annotated[Optional[tuple[Path, Path]], typer.Option(
+        "--compare", help="A B: two earlier evaluations (dirs or results.json) of the same items; prints B - A "
+        "with its paired 95% interval, writes nothing, runs no model")] = None,
 ) -> None:
     """Evaluate a model (and adapter) on a benchmark: pass@1, maj@k, tool calls; results.json + answers.parquet."""
     from rich.console import Console
@@ -390,6 +402,13 @@ def eval_command(
     from selfplay.config import ConfigError, load_config
 
     console = Console(stderr=True)
+    if compare is not None:
+        from selfplay.evaluation.compare import compare_command
+
+        raise typer.Exit(compare_command(*compare))
+    if model is None:
+        console.print("[red]error:[/red] --model is required (or --compare A B to compare two evaluations)")
+        raise typer.Exit(2)
     if backend not in ("hf", "vllm"):
         console.print(f"[red]error:[/red] --backend must be hf or vllm, got {backend!r}")
         raise typer.Exit(2)
@@ -403,7 +422,12 @@ def eval_command(
     table = Table(title=f"{benchmark} ({'tools' if tools else 'no tools'}, k={samples})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in report.metrics.items():
-        table.add_row(name, f"{value:.4g}")
+    table.add_column("95% interval", justify="right")
+    m = report.metrics
+    for name, value in m.items():
+        if name.endswith(("_ci95_lo", "_ci95_hi")):
+            continue
+        lo, hi = m.get(f"{name}_ci95_lo"), m.get(f"{name}_ci95_hi")
+        table.add_row(name, f"{value:.4g}", f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
     Console().print(table)
     console.print(f"results: {report.results_path}\nanswers: {report.answers_path}")
