@@ -39,7 +39,8 @@ def _mounts() -> dict[str, str]:
             if len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
                 continue
             root, point = fields[3], fields[4]
-            keys = [""] if rfields[0] == "cgroup2" else [c for c in ("memory", "pids") if c in rfields[2].split(",")]
+            keys = [""] if rfields[0] == "cgroup2" else [c for c in ("memory", "pids", "cpu")
+                                                          if c in rfields[2].split(",")]
             for key in keys:
                 path = own.get(key)
                 if path is None or key in out:
@@ -59,16 +60,44 @@ def _read(path: str) -> str:
         return f.read()
 
 
+CPU_PERIOD_US = 100_000  # the kernel's default CFS period
+
+
 @dataclass
 class Slot:
     version: int
     memory_dir: str
     pids_dir: str  # the same dir on v2
+    cpu_dir: str | None = None  # None: no cpu controller here (rlimits bound each process's CPU time)
+
+    @property
+    def dirs(self) -> list[str]:
+        return list(dict.fromkeys(d for d in (self.memory_dir, self.pids_dir, self.cpu_dir) if d))
 
     @property
     def procs_files(self) -> list[str]:
-        dirs = [self.memory_dir] if self.memory_dir == self.pids_dir else [self.memory_dir, self.pids_dir]
-        return [os.path.join(d, "cgroup.procs") for d in dirs]
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def set_cpu(self, cores: float) -> None:
+        """A CPU quota of `cores` for everything in the slot (one call at a time, the template is idle)."""
+        if self.cpu_dir is None:
+            return
+        quota = max(1000, int(cores * CPU_PERIOD_US))
+        if self.version == 1:
+            _write(os.path.join(self.cpu_dir, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
+            _write(os.path.join(self.cpu_dir, "cpu.cfs_quota_us"), str(quota))
+        else:
+            _write(os.path.join(self.cpu_dir, "cpu.max"), f"{quota} {CPU_PERIOD_US}")
+
+    def throttled(self) -> int:
+        """How many CFS periods the slot was throttled in (0 without a cpu controller)."""
+        if self.cpu_dir is None:
+            return 0
+        for line in _read(os.path.join(self.cpu_dir, "cpu.stat")).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "nr_throttled":
+                return int(value)
+        return 0
 
     def set_limits(self, memory_bytes: int, pids: int) -> None:
         if self.version == 1:
@@ -124,7 +153,7 @@ class Slot:
             time.sleep(0.01)
 
     def remove(self) -> None:
-        for d in {self.memory_dir, self.pids_dir}:
+        for d in self.dirs:
             for _ in range(50):  # a killed process leaves the cgroup a moment after it is reaped
                 try:
                     os.rmdir(d)
@@ -172,9 +201,10 @@ def _remove_stale(base: str) -> None:
 class CgroupTree:
     """Our private subtree (one dir per hierarchy), holding one Slot per worker."""
 
-    def __init__(self, version: int, memory_base: str, pids_base: str):
-        self.version, self.memory_base, self.pids_base = version, memory_base, pids_base
-        self.detail = f"cgroup v{version} memory+pids per worker under {memory_base}"
+    def __init__(self, version: int, memory_base: str, pids_base: str, cpu_base: str | None = None):
+        self.version, self.memory_base, self.pids_base, self.cpu_base = version, memory_base, pids_base, cpu_base
+        what = "memory+pids+cpu" if cpu_base else "memory+pids (no cpu controller: no CPU quota, rlimits only)"
+        self.detail = f"cgroup v{version} {what} per worker under {memory_base}"
 
     @classmethod
     def create(cls) -> tuple[CgroupTree | None, str]:
@@ -196,7 +226,14 @@ class CgroupTree:
                 except OSError:
                     os.rmdir(mem)
                     raise
-                return cls(1, mem, pids), ""
+                cpu = None
+                if "cpu" in where:
+                    try:
+                        os.mkdir(os.path.join(where["cpu"], name))
+                        cpu = os.path.join(where["cpu"], name)
+                    except OSError:
+                        pass
+                return cls(1, mem, pids, cpu), ""
             except OSError as e:
                 reasons.append(f"v1: cannot create {mem}: {e.strerror}")
         else:
@@ -207,17 +244,19 @@ class CgroupTree:
                 available = _read(os.path.join(base, "cgroup.controllers")).split()
                 if not {"memory", "pids"} <= set(available):
                     raise OSError(0, f"controllers delegated here: {' '.join(available) or 'none'}")
-                if not {"memory", "pids"} <= set(_read(os.path.join(base, "cgroup.subtree_control")).split()):
+                want = "+memory +pids" + (" +cpu" if "cpu" in available else "")
+                if not set(want.replace("+", "").split()) <= set(
+                        _read(os.path.join(base, "cgroup.subtree_control")).split()):
                     # EBUSY when our cgroup holds processes (the no-internal-process rule)
-                    _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
+                    _write(os.path.join(base, "cgroup.subtree_control"), want)
                 tree = os.path.join(base, name)
                 os.mkdir(tree)
                 try:
-                    _write(os.path.join(tree, "cgroup.subtree_control"), "+memory +pids")
+                    _write(os.path.join(tree, "cgroup.subtree_control"), want)
                 except OSError:
                     os.rmdir(tree)
                     raise
-                return cls(2, tree, tree), ""
+                return cls(2, tree, tree, tree if "cpu" in want else None), ""
             except OSError as e:
                 reasons.append(f"v2: {e.strerror or e}")
         else:
@@ -227,13 +266,13 @@ class CgroupTree:
     def slot(self, index: int) -> Slot:
         name = f"slot-{index}-{secrets.token_hex(2)}"
         mem, pids = os.path.join(self.memory_base, name), os.path.join(self.pids_base, name)
-        os.mkdir(mem)
-        if pids != mem:
-            os.mkdir(pids)
-        return Slot(self.version, mem, pids)
+        cpu = os.path.join(self.cpu_base, name) if self.cpu_base else None
+        for d in dict.fromkeys(d for d in (mem, pids, cpu) if d):
+            os.mkdir(d)
+        return Slot(self.version, mem, pids, cpu)
 
     def remove(self) -> None:
-        for d in {self.memory_base, self.pids_base}:
+        for d in dict.fromkeys(d for d in (self.memory_base, self.pids_base, self.cpu_base) if d):
             for sub in os.listdir(d) if os.path.isdir(d) else []:
                 if os.path.isdir(os.path.join(d, sub)):
                     try:

@@ -24,6 +24,12 @@ from pathlib import Path
 
 SANDBOX_UID = SANDBOX_GID = 65534  # nobody / nogroup
 JAIL_LIB = "/run/sandbox-lib"  # where this package is bound read-only inside the jail
+# Where a virtualenv (and any Python dir the jail would otherwise hide: under /tmp, /dev, /proc, /run) is
+# bound inside the jail. Never its host path: the jail mounts its own tmpfs on /tmp (a venv under /tmp bound
+# there sat inside the scratch dir every call empties), and a neutral path keeps host paths out of what a
+# snippet sees in /proc/self/mountinfo, /proc/1/cmdline and sys.path.
+JAIL_PYTHON = "/run/sandbox-python"
+JAIL_OWNED = ("/tmp", "/dev", "/proc", "/run", "/sys")  # the jail mounts its own things here
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
@@ -40,8 +46,8 @@ SYSTEM_PATHS = (
 # allows them (THP "madvise"): fork and exit then copy and tear down one entry per 2 MB instead of 512,
 # measured 3.8 -> 2.1 ms of CPU per fork+exit here, the biggest per-call cost. The price: glibc malloc is
 # a little slower than pymalloc for small objects.
-def scrubbed_env() -> dict[str, str]:
-    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+def scrubbed_env(bin_dir: str | None = None) -> dict[str, str]:
+    bin_dir = bin_dir or os.path.dirname(os.path.abspath(sys.executable))
     return {
         "PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
         "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
@@ -66,6 +72,35 @@ def python_paths() -> list[str]:
              os.path.dirname(os.path.realpath(sys.executable))}
     paths.update(p for p in site.getsitepackages() if os.path.isdir(p))
     return _minimal(paths)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def jail_paths() -> dict[str, str]:
+    """host Python dir -> where the jail shows it. The virtualenv (sys.prefix when it is not the base install)
+    and anything under a dir the jail owns go to JAIL_PYTHON/...; a base install elsewhere keeps its path (a
+    venv's pyvenv.cfg and the interpreter's rpath name it)."""
+    out: dict[str, str] = {}
+    venv = os.path.abspath(sys.prefix) if sys.prefix != sys.base_prefix else None
+    for i, path in enumerate(python_paths()):
+        if path == venv:
+            out[path] = f"{JAIL_PYTHON}/venv"
+        elif any(_under(path, root) for root in JAIL_OWNED):
+            out[path] = f"{JAIL_PYTHON}/{i}"
+        else:
+            out[path] = path
+    return out
+
+
+def jail_path(path: str, mapping: dict[str, str]) -> str:
+    """`path` as the jail shows it (longest mapped prefix wins); unchanged when nothing maps it."""
+    path = os.path.abspath(path)
+    for host in sorted(mapping, key=len, reverse=True):
+        if _under(path, host):
+            return mapping[host] + path[len(host):]
+    return path
 
 
 def reachable_by_others(path: str) -> bool:
@@ -112,7 +147,8 @@ class LaunchSpec:
         """(python dir, mount point the sandbox uid can traverse): root + jail only, see `sandbox.launcher`."""
         if not (self.jail and self.uid is not None and self.workdir):
             return []
-        return [(p, os.path.join(self.workdir, "stage", str(i))) for i, p in enumerate(python_paths())]
+        paths = python_paths() + ([] if reachable_by_others(PACKAGE_DIR) else [PACKAGE_DIR])
+        return [(p, os.path.join(self.workdir, "stage", str(i))) for i, p in enumerate(paths)]
 
     def prepare(self) -> None:
         """Create the stage mount points (empty dirs; the binds exist only in each launcher's namespace)."""
@@ -128,20 +164,32 @@ class LaunchSpec:
         return [p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths() + [PACKAGE_DIR, "/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
                        "/sys/devices/system/cpu"]
 
+    def config(self, ctrl_fd: int, scratch_root: str | None) -> dict:
+        """What the template needs to know; sent as the first frame on its control socket, never in argv (a
+        snippet reads argv in /proc/1/cmdline: the call namespace's pid 1 is a fork of the template)."""
+        return {"jail": self.jail, "preimport": self.preimport,
+                "uid": None if self.jail else self.uid, "gid": None if self.jail else self.gid,
+                "disable": self.disable, "env": self.launch_env(), "scratch_root": scratch_root,
+                "read_paths": self.read_paths(), "ctrl_fd": ctrl_fd, "scratch_mb": self.scratch_mb}
+
+    def launch_env(self) -> dict[str, str]:
+        if not self.jail:
+            return self.env
+        bin_dir = jail_path(os.path.dirname(os.path.abspath(sys.executable)), jail_paths())
+        return dict(self.env, PATH=scrubbed_env(bin_dir)["PATH"])
+
     def command(self, ctrl_fd: int, scratch_root: str | None, cgroup_procs: list[str]) -> list[str]:
-        """The launcher's argv; it joins the cgroup, stages, drops uid and execs bwrap or the template."""
+        """The launcher's argv; it joins the cgroup, stages, drops uid and execs bwrap or the template, which
+        then reads `config()` from `ctrl_fd`."""
         lib = JAIL_LIB if self.jail else str(Path(PACKAGE_DIR).parent)
-        boot = f"import sys; sys.path.insert(0, {lib!r}); from sandbox.zygote import main; main(sys.argv[1])"
-        config = json.dumps({"ctrl_fd": ctrl_fd, "jail": self.jail, "preimport": self.preimport,
-                             "uid": None if self.jail else self.uid, "gid": None if self.jail else self.gid,
-                             "disable": self.disable, "env": self.env, "scratch_root": scratch_root,
-                             "read_paths": self.read_paths()})
+        boot = f"import sys; sys.path.insert(0, {lib!r}); from sandbox.zygote import main; main({ctrl_fd})"
         # Not -I: the environment is entirely ours, and PYTHONMALLOC must be honoured. -s: no user site dir.
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-        argv = [sys.executable, "-s", "-B", *safe_path, "-c", boot, config]
+        exe = jail_path(sys.executable, jail_paths()) if self.jail else sys.executable
+        argv = [exe, "-s", "-B", *safe_path, "-c", boot]
         if self.jail:
             argv = self._bwrap_args() + argv
-        spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.env,
+        spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.launch_env(),
                 "uid": self.uid if self.jail else None, "gid": self.gid if self.jail else None}
         return [sys.executable, "-I", "-S", os.path.join(PACKAGE_DIR, "launcher.py"), json.dumps(spec)]
 
@@ -152,14 +200,18 @@ class LaunchSpec:
                 "--perms", "1777", "--size", str(self.scratch_mb << 20), "--tmpfs", "/tmp",
                 "--perms", "1777", "--size", str(64 << 20), "--tmpfs", "/dev/shm", "--clearenv"]
         staged = dict(self.stage_pairs())
-        for path in _minimal([p for p in SYSTEM_PATHS if os.path.exists(p)] + python_paths()):
+        system = _minimal([p for p in SYSTEM_PATHS if os.path.exists(p)])
+        for path in system:
             if os.path.islink(path) and os.path.dirname(path) == "/":
                 args += ["--symlink", os.readlink(path), path]  # /lib -> usr/lib on merged-/usr systems
             else:
-                args += ["--ro-bind", staged.get(path, path), path]
-        args += ["--ro-bind", PACKAGE_DIR, f"{JAIL_LIB}/sandbox"]
+                args += ["--ro-bind", path, path]
+        for path, inside in jail_paths().items():
+            if inside != path or not any(_under(path, s) for s in system):
+                args += ["--ro-bind", staged.get(path, path), inside]
+        args += ["--ro-bind", staged.get(PACKAGE_DIR, PACKAGE_DIR), f"{JAIL_LIB}/sandbox"]
         # glibc reads the THP mode and size from here before it will madvise its heap (see scrubbed_env)
         args += ["--ro-bind-try", THP_DIR, THP_DIR]
-        for key, value in self.env.items():
+        for key, value in self.launch_env().items():
             args += ["--setenv", key, value]
         return args + ["--remount-ro", "/", "--chdir", "/tmp", "--"]  # nothing outside /tmp persists between calls

@@ -13,22 +13,13 @@ holding numpy+sympy costs ~3-4 ms of CPU, the largest item in a call's budget.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import select
 import signal
 import time
 
 from sandbox import linux, reaper, snippet
-
-
-def write_files(root: str, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        path = os.path.normpath(os.path.join(root, name))
-        if not path.startswith(root.rstrip("/") + "/"):
-            raise ValueError(f"file name {name!r} escapes the scratch dir")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
 
 
 def enter_namespaces(uid: int, gid: int) -> None:
@@ -39,31 +30,76 @@ def enter_namespaces(uid: int, gid: int) -> None:
     linux.mount("none", "/", None, linux.MS_REC | linux.MS_PRIVATE)
 
 
+# Inodes of a call's /tmp and /dev/shm: the template empties them after each call, at ~40 us per entry here,
+# so the cap bounds that clean-up (260k directories once cost ~10 s) while leaving room for any tool call.
+SCRATCH_INODES, SHM_INODES = 16384, 1024
+
+
+def mount_scratch(scratch_mb: int) -> None:
+    """Our own size- and inode-capped tmpfs on /tmp and /dev/shm (bwrap's have no inode cap), mounted once in
+    the worker's mount namespace before Landlock's rules are built on these paths."""
+    flags = linux.MS_NOSUID | linux.MS_NODEV
+    linux.mount("tmpfs", "/tmp", "tmpfs", flags, f"size={int(scratch_mb)}m,nr_inodes={SCRATCH_INODES},mode=1777")
+    linux.mount("tmpfs", "/dev/shm", "tmpfs", flags, f"size=64m,nr_inodes={SHM_INODES},mode=1777")
+
+
+class Outputs:
+    """The call's stdout, stderr and info pipe, read straight into anonymous mappings (never onto the
+    template's heap) of cap + 1 bytes each; unmapped after the reply is sent."""
+
+    INFO_CAP = 4096
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.maps = [mmap.mmap(-1, cap + 1), mmap.mmap(-1, cap + 1), mmap.mmap(-1, self.INFO_CAP + 1)]
+        self.used = [0, 0, 0]
+
+    def views(self) -> list[memoryview]:
+        """stdout and stderr as sent to the pool (at most `cap` bytes each)."""
+        return [memoryview(self.maps[i])[:min(self.used[i], self.cap)] for i in (0, 1)]
+
+    def over_cap(self, i: int) -> bool:
+        return i < 2 and self.used[i] > self.cap
+
+    def info(self) -> bytes:
+        return self.maps[2][:self.used[2]]
+
+    def close(self) -> None:
+        for m in self.maps:
+            try:
+                m.close()
+            except BufferError:  # a view is still exported (an error mid-send): the mapping goes with it
+                pass
+
+
 class _Streams:
     """Reads stdout/stderr with a cap per stream and the info pipe, until EOF or a deadline."""
 
-    def __init__(self, out_r: int, err_r: int, info_r: int, cap: int):
-        self.cap = cap
-        self.bufs = {out_r: bytearray(), err_r: bytearray(), info_r: bytearray()}
-        self.out_r, self.err_r, self.info_r = out_r, err_r, info_r
+    def __init__(self, out_r: int, err_r: int, info_r: int, outputs: Outputs):
+        self.outputs = outputs
+        self.index = {out_r: 0, err_r: 1, info_r: 2}
         self.open = {out_r, err_r, info_r}
         self.over_cap = False
+        self._sink = bytearray(65536)  # reads past a full buffer (only the info pipe can get there)
 
     def _read(self, fd: int) -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not data:
+        i = self.index[fd]
+        m, used = self.outputs.maps[i], self.outputs.used[i]
+        with memoryview(m) as view:
+            target = view[used:] if used < len(m) else memoryview(self._sink)
+            try:
+                n = os.readv(fd, [target])
+            except BlockingIOError:
+                return
+            finally:
+                target.release()
+        if n == 0:
             self.open.discard(fd)
             os.close(fd)
             return
-        buf = self.bufs[fd]
-        limit = 4096 if fd == self.info_r else self.cap
-        room = limit + 1 - len(buf)
-        if room > 0:
-            buf += data[:room]
-        if fd != self.info_r and len(buf) > self.cap:
+        if used < len(m):
+            self.outputs.used[i] = used + n
+        if self.outputs.over_cap(i):
             self.over_cap = True
 
     def pump(self, deadline: float, wake_r: int, exited) -> str:
@@ -93,6 +129,7 @@ class _Streams:
         for fd in self.open:
             os.close(fd)
         self.open.clear()
+        self._sink[:] = bytes(len(self._sink))
 
     def drain(self, seconds: float = 2.0) -> None:
         """After every writer is gone: read what is left in the pipes (EOF comes at once)."""
@@ -114,46 +151,29 @@ def _try_read(fd: int) -> bytes:
         return b""
 
 
-def _stdin_fd(data: bytes | None) -> int:
-    if not data:
-        return os.open(os.devnull, os.O_RDONLY)
-    fd = os.memfd_create("stdin")  # a file, not a pipe: feeding it never blocks, whatever the snippet does
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def run_call(call: dict, ctx: dict) -> dict:
-    """Returns the result header plus raw 'stdout'/'stderr' bytes. ctx["reaper"]: the call namespace's pid 1
-    (namespaces) or None (subreaper mode); ctx["ipc_ns"]: fd of the template's own IPC namespace."""
-    limits = call["limits"]
-    scratch = call["scratch"]
-    write_files(scratch, call["files"])
+def run_call(header: dict, buf, scratch: str, ctx: dict, outputs: Outputs) -> dict:
+    """Returns the result header; stdout/stderr are in `outputs`. ctx["reaper"]: the call namespace's pid 1
+    (namespaces) or None (subreaper mode). The snippet unpacks its own code, stdin and files from `buf`."""
+    limits = header["limits"]
     env = dict(ctx["env"], HOME=scratch, TMPDIR=scratch, PWD=scratch)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     info_r, info_w = os.pipe2(os.O_CLOEXEC)
-    fds = {"stdin": _stdin_fd(call["stdin"]), "stdout": out_w, "stderr": err_w, "info": info_w}
+    fds = {"stdout": out_w, "stderr": err_w, "info": info_w}
     namespaced = ctx["reaper"] is not None
     started = time.monotonic()
     deadline = started + float(limits["timeout_s"])
     snippet.reseed_before_fork()
-    if namespaced:
-        linux.unshare(linux.CLONE_NEWIPC)  # for the child; we step back right after the fork
-    try:
-        pid = linux.lean_fork() if ctx["lean_fork"] else os.fork()
-    finally:
-        if namespaced:
-            linux.setns(ctx["ipc_ns"], linux.CLONE_NEWIPC)
+    pid = linux.lean_fork() if ctx["lean_fork"] else os.fork()
     if pid == 0:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in (out_r, err_r, info_r):
             os.close(fd)
-        snippet.run(call["code"], ctx, limits, scratch, env, fds)
+        snippet.run(header, buf, ctx, limits, scratch, env, fds)
     for fd in fds.values():
         os.close(fd)
-    streams = _Streams(out_r, err_r, info_r, int(limits["max_output_bytes"]))
+    streams = _Streams(out_r, err_r, info_r, outputs)
     reason = streams.pump(deadline, ctx["wake_fd"], lambda: _exited(pid))
     if reason != "exited":
         _kill(pid)
@@ -163,12 +183,28 @@ def run_call(call: dict, ctx: dict) -> dict:
     if namespaced:
         if _call_namespace_busy():
             reaper.sweep(ctx["reaper"])
+        _reap_strays(ctx["reaper_pid"])
     else:
         linux.kill_descendants()
     streams.drain()
     streams.close()
-    return _result(reason, wait_status, usage.ru_utime + usage.ru_stime, streams, limits,
+    return _result(reason, wait_status, usage.ru_utime + usage.ru_stime, outputs, limits,
                    time.monotonic() - started)
+
+
+def _reap_strays(reaper_pid: int) -> None:
+    """Children of the template other than the snippet: only clone(CLONE_PARENT) from a snippet makes them
+    (seccomp refuses it where seccomp is on). The sweep killed them; reap their zombies, so the call
+    namespace is empty again. A dead reaper means the worker cannot isolate calls any more: fatal."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid = 0
+        if pid == 0:
+            return
+        if pid == reaper_pid:
+            raise RuntimeError("the call namespace's pid 1 died")
 
 
 def _call_namespace_busy() -> bool:
@@ -188,9 +224,9 @@ def _exited(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def _result(reason: str, wait_status: int, cpu_s: float, streams: _Streams, limits: dict,
+def _result(reason: str, wait_status: int, cpu_s: float, outputs: Outputs, limits: dict,
             duration: float) -> dict:
-    info = bytes(streams.bufs[streams.info_r]).decode("utf-8", "replace").splitlines()
+    info = outputs.info().decode("utf-8", "replace").splitlines()
     setup_errors = []
     for line in info:
         if line.startswith('{"setup_error"'):
@@ -199,9 +235,7 @@ def _result(reason: str, wait_status: int, cpu_s: float, streams: _Streams, limi
             except (ValueError, KeyError, TypeError):
                 pass
     memory_flag = "M" in info
-    out, err = bytes(streams.bufs[streams.out_r]), bytes(streams.bufs[streams.err_r])
-    cap = streams.cap
-    truncated = len(out) > cap or len(err) > cap
+    truncated = outputs.over_cap(0) or outputs.over_cap(1)
     head = {"exit_code": None, "duration_s": duration, "truncated": truncated, "cpu_s": cpu_s, "detail": ""}
     if reason == "timeout":
         head["status"] = "timeout"
@@ -224,7 +258,7 @@ def _result(reason: str, wait_status: int, cpu_s: float, streams: _Streams, limi
             head["status"] = "error" if code > 0 else "killed"
     if head["status"] in ("timeout", "output_limit", "sandbox_error"):
         head["exit_code"] = None
-    return {**head, "stdout": out[:cap], "stderr": err[:cap]}
+    return head
 
 
 def fail_result(detail: str) -> dict:

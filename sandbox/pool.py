@@ -52,25 +52,60 @@ def default_workers() -> int:
 FileContent = str | bytes
 
 
+MAX_NAME_PART_BYTES = 255  # NAME_MAX
+MAX_NAME_BYTES = 4095  # PATH_MAX less the scratch dir's own
+
+
+def check_file_name(name: object) -> str:
+    """A `files=` key must be a plain relative path: no absolute path, no '.', '..' or empty parts (so also no
+    trailing '/'), no NUL, parts of at most 255 bytes. Raises ValueError naming the key, before anything runs."""
+    bad = None
+    if not isinstance(name, str) or not name:
+        bad = "must be a non-empty str"
+    elif "\0" in name:
+        bad = "contains NUL"
+    elif name.startswith("/"):
+        bad = "is absolute"
+    else:
+        try:
+            raw = name.encode()
+        except UnicodeEncodeError:
+            raw = None
+            bad = "is not valid UTF-8"
+        if raw is not None:
+            parts = name.split("/")
+            if any(p in ("", ".", "..") for p in parts):
+                bad = "has an empty, '.' or '..' part"
+            elif any(len(p.encode()) > MAX_NAME_PART_BYTES for p in parts) or len(raw) > MAX_NAME_BYTES:
+                bad = f"is too long (parts <= {MAX_NAME_PART_BYTES} bytes, whole <= {MAX_NAME_BYTES})"
+    if bad:
+        shown = repr(name) if len(repr(name)) < 80 else repr(name)[:77] + "..."
+        raise ValueError(f"file name {shown} {bad}: files= keys are plain relative paths inside the scratch dir")
+    return name
+
+
 def encode_call(code: str, stdin: FileContent | None, files: Mapping[str, FileContent] | None,
                 limits: Limits) -> tuple[dict, list[bytes]]:
-    """Validate a call's inputs (clear errors for bad ones) and turn them into a wire frame."""
+    """Validate a call's inputs (clear errors for bad ones) and turn them into a wire frame. Everything a call
+    brings (code, stdin, file names and contents) travels as blobs, none in the JSON header: the template
+    reads the blobs into a buffer it unmaps after the call, so nothing of it stays in the template's memory."""
     if not isinstance(code, str):
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if stdin is not None and not isinstance(stdin, (str, bytes)):
         raise TypeError(f"stdin must be str, bytes or None, got {type(stdin).__name__}")
     names, blobs = [], []
     for name, content in (files or {}).items():
-        if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name) \
-                or ".." in name.replace("\\", "/").split("/") or name.endswith("/"):
-            raise ValueError(f"file name {name!r} must be a relative path inside the scratch dir")
+        check_file_name(name)
         if not isinstance(content, (str, bytes)):
             raise TypeError(f"files[{name!r}] must be str or bytes, got {type(content).__name__}")
         names.append(name)
         blobs.append(content.encode() if isinstance(content, str) else content)
+    dirs = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+    if clash := sorted(dirs & set(names)):
+        raise ValueError(f"file name {clash[0]!r} is both a file and a directory of another files= key")
     stdin_bytes = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
-    header = {"type": "run", "limits": limits.to_wire(), "stdin": stdin is not None, "files": names}
-    return header, [code.encode("utf-8", "surrogatepass"), stdin_bytes, *blobs]
+    header = {"type": "run", "limits": limits.to_wire(), "stdin": stdin is not None, "files": len(names)}
+    return header, [code.encode("utf-8", "surrogatepass"), stdin_bytes, "\0".join(names).encode(), *blobs]
 
 
 class SandboxPool:

@@ -49,9 +49,9 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     return bytes(buf)
 
 
-def recv(sock: socket.socket, deadline: float | None = None,
-         max_blob_bytes: int | None = None) -> tuple[dict, list[bytes]]:
-    """Read one frame. Raises EOFError on a clean close, TimeoutError, or ProtocolError."""
+def recv_header(sock: socket.socket, deadline: float | None = None) -> dict:
+    """Read one frame's JSON header (its blobs follow on the socket). Raises EOFError, TimeoutError,
+    ProtocolError."""
     prefix = _recv_exact(sock, 8, deadline)
     if prefix[:4] != MAGIC:
         raise ProtocolError(f"bad frame magic {prefix[:4]!r}")
@@ -65,6 +65,29 @@ def recv(sock: socket.socket, deadline: float | None = None,
             raise ValueError("blob_sizes")
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"malformed frame header: {e}") from None
+    return header
+
+
+def recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill `view` from the socket (a frame's blobs, read straight into a caller's buffer: no copies)."""
+    got = 0
+    while got < len(view):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no complete frame before the deadline")
+            sock.settimeout(left)
+        k = sock.recv_into(view[got:], len(view) - got)
+        if k == 0:
+            raise EOFError("peer closed the connection mid-frame")
+        got += k
+
+
+def recv(sock: socket.socket, deadline: float | None = None,
+         max_blob_bytes: int | None = None) -> tuple[dict, list[bytes]]:
+    """Read one frame. Raises EOFError on a clean close, TimeoutError, or ProtocolError."""
+    header = recv_header(sock, deadline)
+    sizes = header["blob_sizes"]
     if max_blob_bytes is not None and any(s > max_blob_bytes for s in sizes):
         raise ProtocolError(f"frame blob of {max(sizes)} bytes is over the {max_blob_bytes} cap")
     return header, [_recv_exact(sock, s, deadline) if s else b"" for s in sizes]

@@ -30,7 +30,20 @@ def _reap() -> None:
 
 
 def _others() -> list[str]:
-    return [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]
+    """Live processes of the namespace but us. Zombies are skipped: ours are reaped in the loop, and the only
+    other parent a process here can have is the template (clone(CLONE_PARENT)), which reaps them itself
+    right after the sweep."""
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit() and p != "1":
+            try:
+                with open(f"/proc/{p}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                        continue
+            except (OSError, IndexError):
+                continue  # gone
+            out.append(p)
+    return out
 
 
 def _sweep(timeout_s: float = 5.0) -> bool:

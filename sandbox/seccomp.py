@@ -28,6 +28,10 @@ AF_UNIX = 1
 
 CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
                          0x40000000, 0x00000080)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+# CLONE_PARENT makes the new process a sibling of the caller, i.e. a child of the template (outside the
+# call's pid namespace): its zombie outlived the call's sweep and failed the next call. (CLONE_THREAD also
+# shares the caller's parent, but a thread never becomes a zombie of it.)
+CLONE_REPARENT_FLAGS = (0x00008000,)
 
 DENIED = (
     # namespaces, mounts, root changes
@@ -105,7 +109,7 @@ def build_filter(allow_unix_sockets: bool) -> bytes:
             add(_errno_action(errno.EPERM), name)
         # clone3 passes its flags in memory seccomp cannot read: ENOSYS makes glibc fall back to clone().
         add(_errno_action(errno.ENOSYS), "clone3")
-        for flag in CLONE_NAMESPACE_FLAGS:
+        for flag in CLONE_NAMESPACE_FLAGS + CLONE_REPARENT_FLAGS:
             add(_errno_action(errno.EPERM), "clone", (0, SCMP_CMP_MASKED_EQ, flag, flag))
         if allow_unix_sockets:
             add(_errno_action(errno.EAFNOSUPPORT), "socket", (0, SCMP_CMP_NE, AF_UNIX, 0))

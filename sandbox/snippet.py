@@ -60,6 +60,47 @@ def reseed_before_fork() -> None:
         np_random.seed()
 
 
+def write_files(root: str, names: list[str], contents: list[memoryview]) -> None:
+    """In the snippet, before confinement. The pool checked the names (`sandbox.pool.check_file_name`)."""
+    for name, data in zip(names, contents, strict=True):
+        path = os.path.normpath(os.path.join(root, name))
+        if not path.startswith(root.rstrip("/") + "/"):
+            raise ValueError(f"file name {name!r} escapes the scratch dir")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            view = data
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
+def unpack_call(header: dict, buf) -> tuple[str, bytes | None, list[str], list[memoryview]]:
+    """(code, stdin, file names, file contents) from the call's blob buffer; runs in the snippet."""
+    view = memoryview(buf)
+    parts, at = [], 0
+    for size in header["blob_sizes"]:
+        parts.append(view[at:at + size])
+        at += size
+    code = bytes(parts[0]).decode("utf-8", "surrogatepass")
+    stdin = bytes(parts[1]) if header.get("stdin") else None
+    names = bytes(parts[2]).decode().split("\0") if header.get("files") else []
+    return code, stdin, names, parts[3:]
+
+
+def stdin_fd(data: bytes | None) -> int:
+    """In the snippet: a file, not a pipe (reading it never blocks on anyone)."""
+    if not data:
+        return os.open(os.devnull, os.O_RDONLY)
+    fd = os.memfd_create("stdin")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def confine(ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
     """ctx: what the template activated (namespaces, landlock_fd, seccomp filter). fds: stdin/stdout/stderr/info."""
     os.dup2(fds["stdin"], 0)
@@ -80,12 +121,17 @@ def confine(ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None
     for key, value in env.items():  # the template's environment is already the scrubbed set
         if os.environ.get(key) != value:
             os.environ[key] = value
-    try:  # the OOM killer takes the snippet, never the template (raw os calls: no io objects to copy)
-        oom = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+    # The OOM killer takes the snippet, never the template. Only a dumpable process owns its /proc files
+    # (the template is not dumpable, and neither is its fork until now): without this the write failed with
+    # EACCES and the snippet kept the template's score. Checked, not assumed.
+    linux.set_dumpable(True)
+    oom = os.open("/proc/self/oom_score_adj", os.O_RDWR)
+    try:
         os.write(oom, b"1000")
+        if os.pread(oom, 16, 0).strip() != b"1000":
+            raise RuntimeError("oom_score_adj did not take the value 1000")
+    finally:
         os.close(oom)
-    except OSError:
-        pass
     _apply_rlimits(limits, nproc_extra=2 if ctx["namespaces"] else 0)  # the template and pid 1 share the count
     if ctx["namespaces"]:
         linux.drop_all_capabilities()  # the ones the call's user namespace gave us
@@ -147,9 +193,16 @@ def execute(code: str) -> int:
     return rc
 
 
-def run(code: str, ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
-    """Never returns: confine, execute, _exit."""
+def run(header: dict, buf, ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
+    """Never returns: unpack the call, confine, execute, _exit. The call's data is read here, in the fork,
+    never by the template (see `sandbox.zygote._receive`)."""
     try:
+        if ctx["namespaces"]:
+            linux.unshare(linux.CLONE_NEWIPC)  # SysV objects and POSIX queues of this call die with it
+        code, stdin, names, contents = unpack_call(header, buf)
+        write_files(scratch, names, contents)
+        fds["stdin"] = stdin_fd(stdin)
+        del names, contents, stdin
         confine(ctx, limits, scratch, env, fds)
     except BaseException as e:  # noqa: BLE001
         try:

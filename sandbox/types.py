@@ -33,6 +33,9 @@ class Limits:
     max_open_files: int = 64  # RLIMIT_NOFILE
     max_file_size_mb: float = 2.0  # RLIMIT_FSIZE
     max_output_bytes: int = 64 * 1024  # per stream; past it the call is killed and flagged `truncated`
+    # CPU quota of a call, all its processes together (cgroup cpu.max / cfs_quota; without a cpu controller
+    # only RLIMIT_CPU bounds each process). 1: a call never takes more than one core.
+    cpu_cores: float = 1.0
     # Imported once in the warm template, so `import numpy, sympy` in a snippet costs nothing.
     # Applies when a pool starts; a per-call `limits=` cannot change it.
     preimport: tuple[str, ...] = ("math", "numpy", "sympy", "fractions", "itertools")
@@ -42,7 +45,7 @@ class Limits:
             raise TypeError(f"Limits.preimport must be a list of module names, got {self.preimport!r}")
         object.__setattr__(self, "preimport", tuple(str(m) for m in self.preimport))
         for name in ("timeout_s", "cpu_time_s", "memory_mb", "max_processes", "max_open_files",
-                     "max_file_size_mb", "max_output_bytes"):
+                     "max_file_size_mb", "max_output_bytes", "cpu_cores"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Limits.{name} must be a positive number, got {value!r}")

@@ -47,6 +47,7 @@ class Worker:
         self._errfile = None
         self._baseline_bytes = 0
         self._cg_limits: tuple[int, int] | None = None
+        self._cpu_cores: float | None = None
         self._calls = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -54,6 +55,7 @@ class Worker:
         """Start the process. The pool calls this from its one long-lived spawner thread, because bwrap's
         --die-with-parent follows the thread that forked it."""
         parent, child = socket.socketpair()
+        child_fd = child.fileno()
         self._errfile = tempfile.TemporaryFile()
         cmd = self.spec.command(child.fileno(), self.scratch_root,
                                 self.slot.procs_files if self.slot else [])
@@ -65,6 +67,9 @@ class Worker:
         finally:
             child.close()
         self.sock = parent
+        # the template's configuration travels on its socket, not in argv (see LaunchSpec.config)
+        protocol.send(parent, {"type": "config", "config": self.spec.config(child_fd, self.scratch_root)},
+                      deadline=time.monotonic() + 10)
 
     def await_hello(self, timeout_s: float) -> dict:
         try:
@@ -157,6 +162,9 @@ class Worker:
         if want != self._cg_limits:
             self.slot.set_limits(*want)
             self._cg_limits = want
+        if limits.cpu_cores != self._cpu_cores:
+            self.slot.set_cpu(limits.cpu_cores)
+            self._cpu_cores = limits.cpu_cores
 
     def call(self, header: dict, blobs: list[bytes], limits: Limits) -> ExecResult:
         self._calls += 1
@@ -186,6 +194,9 @@ class Worker:
         except BaseException:  # interrupted mid-frame: the stream is out of sync, the worker unusable
             self.kill()
             raise
+        if head.get("fatal"):  # the template reported its own failure and exits: never give it another call
+            log.warning("sandbox worker %d failed (%s); replacing it", self.index, head.get("detail"))
+            self.kill()
         if self.slot is not None and status in (ExecStatus.OK, ExecStatus.ERROR, ExecStatus.KILLED):
             if self.slot.oom_kills() > oom_before:
                 status = ExecStatus.MEMORY_LIMIT  # the cgroup's OOM killer ended a process of this call

@@ -14,16 +14,16 @@ Runs inside the jail with only the standard library and this package; started by
 """
 from __future__ import annotations
 
-import fcntl
 import gc
 import importlib
-import json
+import mmap
 import os
 import secrets
 import signal
 import socket
 import stat
 import sys
+import time
 
 from sandbox import landlock, linux, monitor, protocol, reaper, seccomp
 
@@ -87,25 +87,29 @@ def _probe(fn) -> str | None:
     return None if reply == "ok" else (reply or "probe child died")
 
 
-def _probe_namespaces(uid: int, gid: int) -> None:
+def _probe_namespaces(uid: int, gid: int, scratch_mb: int) -> None:
     monitor.enter_namespaces(uid, gid)
+    monitor.mount_scratch(scratch_mb)
     _, sock = reaper.start()
     pid = os.fork()
     if pid == 0:
+        try:
+            linux.unshare(linux.CLONE_NEWIPC)  # what every call does
+        except OSError:
+            os._exit(4)
         os._exit(0 if os.getpid() == 2 and os.getppid() == 0 else 3)
     _, status = os.waitpid(pid, 0)
     reaper.sweep(sock)
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError("a forked call did not land in the call pid namespace")
+        raise RuntimeError("a forked call did not land in the call pid namespace, or could not get its own "
+                           "IPC namespace")
 
 
 def _enter_namespaces(ctx: dict) -> None:
     """For real, in the template itself (after the probe said it works)."""
     monitor.enter_namespaces(ctx["uid"], ctx["gid"])
-    ipc = os.open("/proc/self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)  # before the reaper mounts its /proc
-    ctx["ipc_ns"] = fcntl.fcntl(ipc, fcntl.F_DUPFD_CLOEXEC, 100)
-    os.close(ipc)
-    _, ctx["reaper"] = reaper.start()
+    monitor.mount_scratch(ctx["scratch_mb"])
+    ctx["reaper_pid"], ctx["reaper"] = reaper.start()
 
 
 def _probe_seccomp(flt: seccomp.Filter) -> None:
@@ -122,14 +126,15 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
     disabled = set(cfg.get("disable", ()))
     uid, gid = os.getuid(), os.getgid()
     ctx: dict = {"namespaces": False, "uid": uid, "gid": gid, "env": cfg["env"], "landlock_fd": None,
-                 "seccomp": None, "reaper": None, "ipc_ns": None}
+                 "seccomp": None, "reaper": None, "reaper_pid": None,
+                 "scratch_mb": cfg.get("scratch_mb", 1096)}
     mech: dict = {}
     if not cfg["jail"]:
         mech["namespaces"] = [False, "no filesystem jail, so no per-call namespaces"]
     elif "namespaces" in disabled:
         mech["namespaces"] = [False, "disabled by request"]
     else:
-        err = _probe(lambda: _probe_namespaces(uid, gid))
+        err = _probe(lambda: _probe_namespaces(uid, gid, ctx["scratch_mb"]))
         if err is None:
             _enter_namespaces(ctx)
             ctx["namespaces"] = True
@@ -167,7 +172,7 @@ def _activate(cfg: dict) -> tuple[dict, dict]:
                 ctx["seccomp"] = flt
             mech["seccomp"] = [err is None, err or f"libseccomp deny-list, {len(flt)} BPF instructions: "
                                                    "sockets (AF_UNIX only inside the jail's netns), ptrace, "
-                                                   "namespaces, mount, bpf, perf, keyring, io_uring"]
+                                                   "namespaces, mount, CLONE_PARENT, bpf, perf, keyring, io_uring"]
         except (seccomp.SeccompUnavailable, OSError) as e:
             mech["seccomp"] = [False, str(e)]
     return ctx, mech
@@ -203,52 +208,77 @@ def _wipe(root: str) -> None:
             os.rmdir(path)
 
 
-def _execute(header: dict, blobs: list[bytes], ctx: dict, cfg: dict, number: int) -> tuple[dict, list[bytes]]:
-    names = header.get("files", [])
-    call = {"code": blobs[0].decode("utf-8", "surrogatepass"), "files": dict(zip(names, blobs[2:], strict=True)),
-            "stdin": blobs[1] if header.get("stdin") else None, "limits": header["limits"]}
-    shared_tmp = ctx["namespaces"]  # jail: the call owns the worker's whole /tmp
-    if shared_tmp:
-        call["scratch"] = "/tmp"
-    else:
-        call["scratch"] = os.path.join(_scratch_root(cfg), f"call-{number}")
-        os.mkdir(call["scratch"], 0o700)
+def _receive(ctrl: socket.socket) -> tuple[dict, mmap.mmap] | None:
+    """One call frame: the JSON header, and every blob read straight into an anonymous mapping (the call's
+    code, stdin, file names and contents never become objects on the template's heap: the mapping is
+    unmapped after the call, so no later fork of the template holds any of it)."""
     try:
-        result = monitor.run_call(call, ctx)
+        header = protocol.recv_header(ctrl)
+    except (EOFError, ConnectionError):
+        return None  # the pool closed or died: nothing else to do
+    total = sum(header["blob_sizes"])
+    buf = mmap.mmap(-1, max(1, total))
+    with memoryview(buf) as view:
+        protocol.recv_into(ctrl, view[:total])
+    return header, buf
+
+
+def _cleanup(ctx: dict, scratch: str, shared_tmp: bool) -> None:
+    if shared_tmp:
+        _wipe("/tmp")
+        _wipe("/dev/shm")
+    else:
+        _wipe(scratch)
+        os.rmdir(scratch)
+
+
+def _serve_one(ctrl: socket.socket, ctx: dict, cfg: dict, number: int) -> bool:
+    """One call, start to reply; every object of the call lives in this frame and is gone when it returns
+    (a later call's snippet, forked from below `serve`, finds nothing of it by walking frames)."""
+    received = _receive(ctrl)
+    if received is None:
+        return False
+    header, buf = received
+    shared_tmp = ctx["namespaces"]  # jail: the call owns the worker's whole /tmp
+    scratch = "/tmp" if shared_tmp else os.path.join(_scratch_root(cfg), f"call-{number}")
+    outputs = monitor.Outputs(int(header["limits"]["max_output_bytes"]))
+    try:
+        try:
+            if not shared_tmp:
+                os.mkdir(scratch, 0o700)
+            head = monitor.run_call(header, buf, scratch, ctx, outputs)
+        finally:
+            buf.close()
+            started = time.monotonic()
+            _cleanup(ctx, scratch, shared_tmp)
+        head["cleanup_s"] = time.monotonic() - started
+        protocol.send(ctrl, dict(head, id=header.get("id")), outputs.views())
+    except BaseException as e:  # noqa: BLE001 - our state is suspect now: say so, then let the pool replace us
+        res = monitor.fail_result(f"template: {type(e).__name__}: {e}")
+        res.pop("stdout"), res.pop("stderr")
+        protocol.send(ctrl, dict(res, id=header.get("id"), fatal=True), [b"", b""])
+        raise
     finally:
-        if shared_tmp:
-            _wipe("/tmp")
-            _wipe("/dev/shm")
-        else:
-            _wipe(call["scratch"])
-            os.rmdir(call["scratch"])
-    out, err = result.pop("stdout"), result.pop("stderr")
-    return result, [out, err]
+        outputs.close()
+    return True
 
 
 def serve(ctrl: socket.socket, ctx: dict, cfg: dict) -> None:
     number = 0
     while True:
-        try:
-            header, blobs = protocol.recv(ctrl)
-        except (EOFError, ConnectionError):
-            return  # the pool closed or died: nothing else to do
         number += 1
-        try:
-            head, out = _execute(header, blobs, ctx, cfg, number)
-        except BaseException as e:  # noqa: BLE001 - our state is suspect now: report, then let the pool replace us
-            res = monitor.fail_result(f"template: {type(e).__name__}: {e}")
-            blobs = [res.pop("stdout"), res.pop("stderr")]
-            protocol.send(ctrl, dict(res, id=header.get("id")), blobs)
-            raise
-        protocol.send(ctrl, dict(head, id=header.get("id")), out)
+        if not _serve_one(ctrl, ctx, cfg, number):
+            return
 
 
-def main(config_json: str) -> None:
-    cfg = json.loads(config_json)
+def main(ctrl_fd: int) -> None:
+    ctrl = socket.socket(fileno=ctrl_fd)
+    header, _ = protocol.recv(ctrl, deadline=None, max_blob_bytes=0)
+    if header.get("type") != "config":
+        raise RuntimeError(f"expected the config frame, got {header.get('type')!r}")
+    cfg = header["config"]
     os.environ.clear()  # exactly the scrubbed set: snippets inherit it as is (no per-call rebuild)
     os.environ.update(cfg["env"], PWD=os.getcwd())
-    ctrl = socket.socket(fileno=cfg["ctrl_fd"])
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)

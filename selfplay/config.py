@@ -51,6 +51,7 @@ class SandboxConfig(Section):
     max_open_files: int = Field(64, ge=8)
     max_file_size_mb: float = Field(2.0, gt=0)  # Agent0: fsize 2m
     max_output_bytes: int = Field(64 * 1024, ge=256)
+    cpu_cores: float = Field(1.0, gt=0)  # CPU quota of one call, all its processes (cgroup cpu controller)
     workers: int | None = Field(None, ge=1)  # None: sized from the machine
     preimport: list[str] = Field(default_factory=lambda: ["math", "numpy", "sympy", "fractions", "itertools"])
     # The weakest isolation a run accepts; the runtime refuses to start below it (see `python -m sandbox doctor`).
