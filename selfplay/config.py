@@ -6,6 +6,8 @@ anchors' values (Agent0, verl, TRL), cited where they come from.
 """
 from __future__ import annotations
 
+import difflib
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -240,13 +242,45 @@ class RunConfig(Section):
     loop: LoopConfig = Field(default_factory=LoopConfig)
 
 
+def _fields_at(path: tuple) -> list[str]:
+    """The field names of the section at `path` (("learner", "lora") -> LoraConfig's fields), [] if unknown."""
+    model: Any = RunConfig
+    for part in path:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None or not isinstance(info.annotation, type) or not issubclass(info.annotation, BaseModel):
+            return []
+        model = info.annotation
+    return list(model.model_fields)
+
+
+def did_you_mean(loc: tuple) -> str:
+    """' (did you mean learner.lr?)' for an unknown key close to a real one, else ''."""
+    fields = _fields_at(tuple(str(p) for p in loc[:-1]))
+    close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field" + did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
+
+
+def band_warnings(cfg: RunConfig) -> list[str]:
+    """What the difficulty band admits that a user rarely means: p_hat = 1/k (every answer differs, so the
+    label is a tie-break) and p_hat = c/k values that can be ties (two classes of c answers, 2c <= k)."""
+    k, lo, hi = cfg.executor.samples_per_task, cfg.verifier.band_low, cfg.verifier.band_high
+    admitted = [c for c in range(1, k // 2 + 1) if lo <= c / k <= hi]  # p_hat = c/k that can be a tie
+    if k < 2 or not admitted:
+        return []
+    what = ([f"p_hat = 1/{k} (all {k} answers differ)"] if admitted[0] == 1 else []) + (
+        [f"ties (p_hat = {', '.join(str(Fraction(c, k)) for c in admitted if c > 1)}: two equal answer classes)"]
+        if admitted[-1] > 1 else [])
+    return [f"verifier band [{lo}, {hi}] with k = executor.samples_per_task = {k} admits {' and '.join(what)}, "
+            f"whose pseudo-label is a tie-break; raise verifier.band_low above {admitted[-1] / k:.3g} to exclude them"]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -295,6 +329,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            found = sorted(str(p) for p in Path(path).glob("*.yaml"))[:4]
+            hint = f", e.g. {' or '.join(found)}" if found else ""
+            raise ConfigError(f"{path} is a directory: pass a YAML config file{hint}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):

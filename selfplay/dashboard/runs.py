@@ -27,6 +27,35 @@ class RunNotFound(LookupError):
     pass
 
 
+class NoRunFound(ValueError):
+    """A directory given to the dashboard holds no run (nor do its subdirectories)."""
+
+
+def is_run(d: Path) -> bool:
+    return (d / "config.yaml").is_file() and ((d / "state.json").is_file() or (d / "metrics.sqlite").is_file())
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Each path that is a run directory, or else the run directories directly inside it (`runs/`). A path
+    with neither is refused, naming the directories looked at, instead of serving an empty page."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p).expanduser()
+        if not p.is_dir():
+            raise NoRunFound(f"{p} is not a directory; pass a run directory written by `selfplay run` (runs/NAME)")
+        if is_run(p):
+            found.append(p.resolve())
+            continue
+        subs = sorted(d for d in p.iterdir() if d.is_dir())
+        runs = [d.resolve() for d in subs if is_run(d)]
+        if not runs:
+            looked = [str(p)] + [str(d) for d in subs[:5]] + ([f"... {len(subs) - 5} more"] if len(subs) > 5 else [])
+            raise NoRunFound(f"no run in {p} (looked for config.yaml with state.json or metrics.sqlite in: "
+                             f"{', '.join(looked)}); pass a directory written by `selfplay run`, e.g. runs/NAME")
+        found += runs
+    return found
+
+
 @dataclass(frozen=True)
 class Run:
     id: str

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from selfplay.config import RunConfig
+from selfplay.run.console import redirect_output
 from selfplay.run.rundir import RunDir
 
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
@@ -46,6 +47,13 @@ class _Busy:
         return total
 
 
+def _own_log(rd: RunDir, name: str) -> None:
+    """Inside an actor process: its stdout/stderr (and its children's: vLLM's engine core, C++ libraries)
+    go to <run_dir>/logs/<name>.log instead of Ray's session directory or the driver's console."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        redirect_output(rd.logs / f"{name}.log")
+
+
 def _started(rd: RunDir, name: str) -> None:
     rd.event("actor_start", actor=name, pid=os.getpid(), node=ray.util.get_node_ip_address())
 
@@ -56,6 +64,7 @@ def _threads(cfg: RunConfig) -> int:
 
 class SandboxActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
+        _own_log(rd, "sandbox")
         from sandbox import SandboxPool
 
         self.pool = SandboxPool.from_config(cfg.sandbox)
@@ -71,6 +80,7 @@ class SandboxActor(_Busy):
 
 class VerifierActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
+        _own_log(rd, "verifier")
         from roles.verifier import Verifier
 
         self.verifier = Verifier(cfg.verifier)
@@ -92,6 +102,7 @@ class VerifierActor(_Busy):
 
 class LearnerActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir):
+        _own_log(rd, "learner")
         import torch
 
         from selfplay.learner.learner import Learner
@@ -126,6 +137,7 @@ class LearnerActor(_Busy):
 
 class RolloutActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any):
+        _own_log(rd, "rollout")
         from selfplay.rollout.worker import RolloutWorker
 
         def run_many(codes: list[str], **kwargs: Any) -> list:

@@ -13,38 +13,54 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
+import traceback
 
 import ray
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfplay.run.actors import Actors, restart_counts
+from selfplay.run.console import ConsoleLogHandler, RunConsole
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
 
 
-def _setup_logging(rd: RunDir) -> None:
-    rd.logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for h in list(root.handlers):
-        if getattr(h, "_selfplay", False):
-            root.removeHandler(h)
-    fh = logging.FileHandler(rd.logs / "driver.log")
-    fh.setFormatter(fmt)
-    fh._selfplay = True  # type: ignore[attr-defined]
-    root.addHandler(fh)
+def _setup_logging(console: RunConsole) -> logging.Handler:
+    """The `selfplay` logger goes to the run's console (INFO: driver.log only), not to the root logger,
+    whose handlers (the libraries') write to stderr, which is logs/libraries.log during a CLI run."""
+    logger = logging.getLogger("selfplay")
+    for h in list(logger.handlers):
+        if isinstance(h, ConsoleLogHandler):
+            logger.removeHandler(h)
+    handler = ConsoleLogHandler(console)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    logger = logging.getLogger("selfplay")
+    logger.removeHandler(handler)
+    logger.propagate = True
+
+
+def _stop(progress: Progress) -> None:
+    if progress.live.is_started:  # a progress display never started prints blank lines when stopped
+        progress.stop()
 
 
 class Driver:
-    def __init__(self, rd: RunDir, resume: bool = False):
+    def __init__(self, rd: RunDir, resume: bool = False, warnings: list[str] | tuple = (),
+                 capture_libraries: bool = False):
+        """`warnings`: our own, printed after the run directory. `capture_libraries`: send everything else
+        written to stdout/stderr (Ray, vLLM, C++ libraries) to logs/libraries.log (the CLI does)."""
         self.rd = rd
         self.resume = resume
+        self.warnings = list(warnings)
+        self.capture_libraries = capture_libraries
         self.cfg = rd.load_config()
         self._stop = False
         self._signals = 0
@@ -64,57 +80,86 @@ class Driver:
 
     # ------------------------------------------------------------------------------------ run
     def run(self) -> int:
+        console = RunConsole(self.rd.logs, capture_libraries=self.capture_libraries)
+        handler = _setup_logging(console)
+        try:
+            return self._run(console)
+        finally:
+            _teardown_logging(handler)
+            console.close()
+
+    def _run(self, console: RunConsole) -> int:
         from selfplay.telemetry.exporters import make_exporters
         from selfplay.telemetry.metrics import MetricsStore
         from selfplay.data.replay import ReplayBuffer
         from selfplay.data.task_pool import TaskPool
 
         cfg, rd = self.cfg, self.rd
-        _setup_logging(rd)
         state = rd.state()
         done = int(state.get("iteration", 0)) if self.resume else 0
+        console.print(f"run directory: {rd.root}")
         if self.resume and state.get("status") == "finished" and done >= cfg.loop.iterations:
-            print(f"run already finished ({done} iterations)", file=sys.stderr)
+            console.print(f"run already finished ({done} iterations); extend it with: "
+                          f"selfplay resume {rd.root} loop.iterations={cfg.loop.iterations * 2}")
             return 0
+        for w in self.warnings:
+            console.warn(w)
         rd.event("driver_start", pid=os.getpid(), resume=self.resume, from_iteration=done)
         rd.write_state(status="running", pid=os.getpid())
 
         pool = TaskPool(rd.pool, cfg.loop.pool_capacity)
         replay = ReplayBuffer(rd.replay, cfg.replay)
         exporters = make_exporters(cfg.metrics, rd.root, resume_from=done if self.resume else None,
-                                   run_name=cfg.name, run_config=cfg.model_dump(mode="json"))
+                                   run_name=cfg.name, run_config=cfg.model_dump(mode="json"), console=console)
         store = MetricsStore(rd.metrics, exporters=exporters)
         if self.resume:
             dropped = pool.truncate_after(done)
             replay_dropped = self._rollback_replay(replay, state, done)
             store.truncate_after(done)
             rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped)
-            log.info("resuming after iteration %d (dropped %d pool tasks, replay %s)", done, dropped, replay_dropped)
+            console.print(f"resuming after iteration {done} (dropped {dropped} pool tasks of later iterations)")
+            log.info("resume: replay %s", replay_dropped)
 
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=Console(stderr=True))
+                            TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console.rich,
+                            transient=True)
         started_ray = False
         actors = None
         status, code = "failed", 1
         try:
+            where = f"the cluster at {cfg.ray.address}" if cfg.ray.address else "a local Ray"
+            console.print(f"starting {where} and the actors (model {cfg.model.name_or_path}, engine "
+                          f"{cfg.engine.backend}); their output: {rd.logs}/<actor>.log"
+                          + (", libraries.log" if self.capture_libraries else ""))
             if not ray.is_initialized():
+                quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
                 if cfg.ray.address:
-                    ray.init(address=cfg.ray.address, log_to_driver=True)
+                    ray.init(address=cfg.ray.address, **quiet)
                 else:
                     # "local": a fresh private instance, never a cluster some `ray start` left on this machine
-                    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                             log_to_driver=True)
+                    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
                     started_ray = True
             self._install_signals()  # after ray.init, which installs its own SIGTERM handler
+            t_start = time.perf_counter()
             actors = Actors.start(cfg, rd)
             versions = ray.get(actors.learner.versions.remote())
+            console.print(f"actors ready in {time.perf_counter() - t_start:.0f} s; "
+                          f"iterations {done + 1}..{cfg.loop.iterations}")
             ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop)
             if self.resume:
                 self._republish(ctx)
-            progress.start()
+            if console.interactive:
+                progress.start()
             bar = progress.add_task("iterations", total=cfg.loop.iterations, completed=done, stage="")
-            ctx.on_stage = lambda stage: progress.update(bar, stage=stage)
+            current = {"it": done + 1}
+
+            def on_stage(stage: str) -> None:
+                progress.update(bar, stage=stage)
+                console.note(f"iteration {current['it']}: {stage}")
+
+            ctx.on_stage = on_stage
             for it in range(done + 1, cfg.loop.iterations + 1):
+                current["it"] = it
                 if self._stop:
                     raise StopRequested()
                 result = run_iteration(ctx, it)
@@ -139,19 +184,19 @@ class Driver:
             status, code = "finished", 0
         except (StopRequested, KeyboardInterrupt):
             status, code = "stopped", 130
-            msg = f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; " \
-                  f"resume with: selfplay resume {rd.root}"
-            log.warning(msg)
-            print(msg, file=sys.stderr)
+            _stop(progress)
+            console.warn(f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; "
+                         f"resume with: selfplay resume {rd.root}")
         except SandboxUnhealthy as e:  # the run's own verdict, not a bug: one line, no traceback
             status, code = "failed", 1
-            log.error("%s", e)
-            print(f"error: {e}", file=sys.stderr)
+            _stop(progress)
+            console.error(str(e))
         except Exception:
-            log.exception("run failed")
+            _stop(progress)
+            console.note("run failed:\n" + traceback.format_exc())
             raise
         finally:
-            progress.stop()
+            _stop(progress)
             rd.write_state(status=status)
             rd.event("driver_end", status=status)
             store.close()
@@ -160,7 +205,19 @@ class Driver:
                 actors.stop()
             if started_ray:
                 ray.shutdown()
+            self._epilogue(console, status)
         return code
+
+    def _epilogue(self, console: RunConsole, status: str) -> None:
+        """Where the results are and what to run next."""
+        from selfplay.run.summary import next_steps
+
+        rd = self.rd
+        done = int(rd.state().get("iteration", 0))
+        console.print(f"{status}: {done}/{self.cfg.loop.iterations} iterations committed in {rd.root} "
+                      f"(metrics.sqlite, pool.jsonl, checkpoints/, logs/)")
+        for line in next_steps(rd.root, status, done, self.cfg.loop.iterations):
+            console.print(line)
 
     def _rollback_replay(self, replay, state: dict, done: int) -> dict:
         """Drop what iterations after the committed one wrote: their trajectories and their consumption."""

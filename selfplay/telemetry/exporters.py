@@ -209,14 +209,16 @@ def make_exporters(
     resume_from: int | None = None,
     run_name: str | None = None,
     run_config: dict | None = None,
+    console: Any = None,
 ) -> list[Exporter]:
-    """Build the exporters `cfg.exporters` names. `resume_from`: last iteration kept after `truncate_after`."""
+    """Build the exporters `cfg.exporters` names. `resume_from`: last iteration kept after `truncate_after`.
+    `console`: where the console exporter prints (the run's console, which also keeps logs/driver.log)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out: list[Exporter] = []
     for name in dict.fromkeys(cfg.exporters):  # each once, in the order given
         if name == "console":
-            out.append(ConsoleExporter())
+            out.append(ConsoleExporter(console))
         elif name == "tensorboard":
             out.append(TensorBoardExporter(run_dir / "tensorboard", resume_from))
         elif name == "wandb":
