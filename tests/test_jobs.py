@@ -93,7 +93,7 @@ def test_submit_tiny_run_to_ray_head(ray_head, tmp_path, monkeypatch):
     assert final == "SUCCEEDED", logs.stdout[-5000:]
     rd = RunDir(run_dir)
     assert rd.state()["status"] == "finished" and rd.state()["iteration"] == 1
-    status = subprocess.run([*cli, "status", str(run_dir)], cwd=REPO, capture_output=True, text=True)
+    status = subprocess.run([*cli, "status", str(run_dir), "--json"], cwd=REPO, capture_output=True, text=True)
     assert json.loads(status.stdout)["last_logged_iteration"] == 1
     # stop on a finished job is harmless and says so
     stop = subprocess.run([*cli, "stop", job_id, "--address", ray_head], cwd=REPO, capture_output=True, text=True)

@@ -60,7 +60,8 @@ def synthetic_iteration(it: int, cfg: RunConfig, rng: random.Random, tasks_per_i
         label, top = next(iter(agreement.items()))
         p_hat = top / k if parseable else None
         accepted = p_hat is not None and lo <= p_hat <= hi
-        reason = None if accepted else ("unparseable" if p_hat is None else "too easy" if p_hat > hi else "too hard")
+        # the reasons selfplay/run/loop.py `admit` records
+        reason = None if accepted else ("parse:no_question" if p_hat is None else "too_easy" if p_hat > hi else "too_hard")
         n_tools = rng.choice([0, 1, 1, 2, 2, 3])
         unc = 0.0 if p_hat is None else 1 - 2 * abs(p_hat - 0.5)
         comp = {"uncertainty": round(unc, 3), "tool": round(0.05 * min(n_tools, 4), 3),
@@ -103,15 +104,25 @@ def synthetic_iteration(it: int, cfg: RunConfig, rng: random.Random, tasks_per_i
             f"learner/{role}/loss": rng.gauss(0, 0.05), f"learner/{role}/clip_frac_high": 0.02 + 0.01 * rng.random(),
             f"learner/{role}/grad_norm": 0.6 + 0.3 * rng.random(),
         })
-    stages = {"generate_proposer": 20, "execute": 45, "verify": 6, "learn_proposer": 15, "learn_executor": 30,
-              "weight_sync": 3, "overhead": 2}
+    # disjoint stages as the loop times them (time/stage/*), summing to the iteration's wall time
+    stages = {"propose": 20, "solve": 45, "verify": 6, "reward": 1, "learn_proposer": 15, "practice": 30,
+              "learn_executor": 30, "weight_sync": 3, "commit": 2, "other": 2}
     for stage, base in stages.items():
-        scalars[f"time/{stage}"] = base * (1 + 0.1 * rng.random())
-    scalars["time/total"] = sum(scalars[f"time/{s}"] for s in stages)
+        scalars[f"time/stage/{stage}"] = base * (1 + 0.1 * rng.random())
+    scalars["time/total"] = sum(scalars[f"time/stage/{s}"] for s in stages)
+    gen = sum(scalars[f"time/stage/{s}"] for s in ("propose", "solve", "practice"))
+    scalars.update({"time/busy/rollout": gen * 0.97, "time/busy/verifier": scalars["time/stage/verify"] * 0.9,
+                    "time/busy/learner": scalars["time/stage/learn_proposer"] + scalars["time/stage/learn_executor"],
+                    "time/busy/sandbox": 0.1 * scalars["time/stage/solve"]})
+    scalars["throughput/tokens"] = scalars["throughput/tokens_per_s"] * gen
+    calls = sum(statuses_all.values())
+    scalars["sandbox/calls"] = float(calls)
+    scalars["sandbox/error_rate"] = statuses_all.get("sandbox_error", 0) / calls if calls else 0.0
     if it % 5 == 0:
         scalars["eval/gsm8k/pass@1"] = min(1.0, 0.3 + 0.35 * (1 - math.exp(-it / 15)) + rng.gauss(0, 0.01))
         scalars["eval/gsm8k/maj@k"] = min(1.0, scalars["eval/gsm8k/pass@1"] + 0.06)
         scalars["eval/math500/pass@1"] = min(1.0, 0.15 + 0.25 * (1 - math.exp(-it / 15)) + rng.gauss(0, 0.01))
+        scalars["eval/gsm8k/tool_calls_mean"] = 1.2 + 0.02 * it + rng.gauss(0, 0.05)
     return scalars, tasks, trajs
 
 

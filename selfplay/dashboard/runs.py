@@ -90,7 +90,11 @@ class Run:
         section = lambda name: data.get(name) if isinstance(data.get(name), dict) else {}  # noqa: E731
         defaults = VerifierConfig()
         verifier, executor, loop, model = section("verifier"), section("executor"), section("loop"), section("model")
+        learner, ev, sandbox = section("learner"), section("eval"), section("sandbox")
         return {
+            # what empty charts are explained by (KL off, no evaluation configured, ...)
+            "kl_coef": learner.get("kl_coef"), "eval_benchmark": ev.get("benchmark"), "eval_every": ev.get("every"),
+            "max_error_rate": sandbox.get("max_error_rate"), "use_tools": executor.get("use_tools"),
             "name": data.get("name"),
             "band_low": _number(verifier.get("band_low"), defaults.band_low),
             "band_high": _number(verifier.get("band_high"), defaults.band_high),

@@ -348,6 +348,7 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
     tokens = sum(len(r.completion_ids) for r in all_rollouts) + sum(len(p.completion_ids) for p in proposals)
     gen_time = sum(s.get(f"time/{k}", 0.0) for k in ("propose", "solve", "practice"))
     s["throughput/tokens_per_s"] = tokens / gen_time if gen_time else 0.0
+    s["throughput/tokens"] = float(tokens)  # generated this iteration; the dashboard's tokens x-axis sums them
     s["replay/size"] = float(len(ctx.replay))
     s["replay/replayed_total"] = float(ctx.replay.counters["replayed"])  # self-imitation replays so far
     admitted_ids = {t.task_id for t in admitted}

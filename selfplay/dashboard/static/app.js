@@ -2,30 +2,35 @@
 import { PALETTE, el, fmt, lineChart, stackedBars, heatmap, emptyChart } from "./charts.js";
 import { state, api, runPath } from "./state.js";
 import { renderTasks, initTasks } from "./tasks.js";
+import { xAxis, initControls } from "./xaxis.js";
 
 const POLL_MS = 2000;
 const DASHES = [null, "6 3", "2 3", "9 3 2 3"];
 const SANDBOX_COLORS = { ok: "#3a9e6e", error: "#e8833a", timeout: "#d0495a", memory_limit: "#7c5cb8",
   output_limit: "#a0782c", killed: "#5f6b7a", sandbox_error: "#1a1a1a" };
 
-// Each grid chart: which scalar keys it draws (a list, or a regex whose group 1 names the series).
+// Each grid chart: which scalar keys it draws (a list, or a regex whose group 1 names the series), the unit
+// of its y axis, and why it can be empty (`why(config)`: a reason from the run's config, else null).
 const CHARTS = [
-  { id: "accept", title: "Accepted-task rate", sub: "share of proposed tasks inside the band", keys: ["tasks/accepted_rate"], yFmt: "pct", yMin: 0, yMax: 1 },
-  { id: "pool", title: "Pool, replay and proposals", sub: "tasks per iteration; pool = accepted tasks kept", keys: ["pool/size", "replay/size", "tasks/proposed", "tasks/accepted"], yFmt: "int" },
-  { id: "proposer", title: "Proposer reward", sub: "mean reward and its components", keys: ["proposer/reward_mean", "proposer/reward/uncertainty", "proposer/reward/tool", "proposer/reward/repetition"] },
-  { id: "executor", title: "Executor vs. pseudo-labels", sub: "accuracy against the majority vote; format and parse rates", keys: ["executor/accuracy", "executor/format_rate", "executor/answer_rate", "proposer/parse_rate"], yFmt: "pct", yMin: 0, yMax: 1 },
-  { id: "tools", title: "Tool calls per trajectory", sub: "mean Python tool calls by the executor", keys: ["executor/tool_calls_mean"] },
-  { id: "sandbox", title: "Sandbox outcomes", sub: "share of tool calls by result", type: "stack", prefix: "sandbox/status/", normalize: true, yFmt: "int" },
-  { id: "entropy", title: "Policy entropy", sub: "per role; a collapse to 0 means no exploration", pattern: /^learner\/(.+)\/entropy$/ },
-  { id: "kl", title: "KL to reference", sub: "per role", pattern: /^learner\/(.+)\/kl$/ },
-  { id: "clip", title: "Clipped fraction (high)", sub: "tokens hitting the upper ratio clip", pattern: /^learner\/(.+)\/clip_frac_high$/, yFmt: "pct" },
-  { id: "loss", title: "Learner loss", sub: "per role", pattern: /^learner\/(.+)\/loss$/ },
-  { id: "grad", title: "Gradient norm", sub: "before clipping", pattern: /^learner\/(.+)\/grad_norm$/ },
-  { id: "throughput", title: "Throughput", sub: "generated tokens per second", keys: ["throughput/tokens_per_s"] },
-  // time/tools is part of the rollout stages' time, so it is not stacked on top of them
-  { id: "time", title: "Time per iteration", sub: "seconds by stage", type: "stack", prefix: "time/", exclude: ["time/total", "time/tools"], yFmt: "sec" },
-  { id: "eval", title: "Evaluation", sub: "held-out benchmarks", pattern: /^eval\/(.+)$/, yFmt: "pct", yMin: 0, yMax: 1 },
-  { id: "faults", title: "Faults and parse failures", sub: "actor restarts; unparseable outputs per role", pattern: /^(faults\/.+|parse_failures\/.+)$/, yFmt: "int" },
+  { id: "accept", title: "Accepted-task rate", sub: "share of proposed tasks inside the band", keys: ["tasks/accepted_rate"], yFmt: "pct", yMin: 0, yMax: 1, unit: "% of proposals" },
+  { id: "pool", title: "Pool, replay and proposals", sub: "tasks per iteration; pool = accepted tasks kept", keys: ["pool/size", "replay/size", "tasks/proposed", "tasks/accepted"], yFmt: "int", unit: "tasks" },
+  { id: "proposer", title: "Proposer reward", sub: "mean reward and its components", keys: ["proposer/reward_mean", "proposer/reward/uncertainty", "proposer/reward/tool", "proposer/reward/repetition", "proposer/reward/agreement_gate"], unit: "reward" },
+  { id: "executor", title: "Executor vs. pseudo-labels", sub: "accuracy against the majority vote; format and parse rates", keys: ["executor/accuracy", "executor/format_rate", "executor/answer_rate", "proposer/parse_rate"], yFmt: "pct", yMin: 0, yMax: 1, unit: "%" },
+  { id: "tools", title: "Tool calls per trajectory", sub: "mean Python tool calls by the executor", keys: ["executor/tool_calls_mean"], unit: "calls", why: (c) => c.use_tools === false ? "tools off: executor.use_tools = false" : null },
+  { id: "sandbox", title: "Sandbox outcomes", sub: "share of tool calls by result", type: "stack", prefix: "sandbox/status/", normalize: true, yFmt: "int", unit: "% of calls", why: (c) => c.use_tools === false ? "tools off: executor.use_tools = false" : null },
+  { id: "entropy", title: "Policy entropy", sub: "per role; a collapse to 0 means no exploration", pattern: /^learner\/(.+)\/entropy$/, unit: "nats/token" },
+  { id: "kl", title: "KL to reference", sub: "per role", pattern: /^learner\/(.+)\/kl$/, unit: "nats/token", why: (c) => c.kl_coef === 0 ? "KL off: learner.kl_coef = 0 (no reference model, nothing to measure)" : null },
+  { id: "clip", title: "Clipped fraction (high)", sub: "tokens hitting the upper ratio clip", pattern: /^learner\/(.+)\/clip_frac_high$/, yFmt: "pct", unit: "% of tokens" },
+  { id: "loss", title: "Learner loss", sub: "per role", pattern: /^learner\/(.+)\/loss$/, unit: "loss" },
+  { id: "grad", title: "Gradient norm", sub: "before clipping", pattern: /^learner\/(.+)\/grad_norm$/, unit: "L2 norm" },
+  { id: "throughput", title: "Throughput", sub: "generated tokens per second of generation", keys: ["throughput/tokens_per_s"], unit: "tokens/s" },
+  // time/stage/* are disjoint and, with "other", sum to time/total: the bar's height is the iteration's wall time
+  { id: "time", title: "Time per iteration", sub: "seconds by stage (disjoint); bar height = the iteration's wall time", type: "stack", prefix: "time/stage/", yFmt: "sec", unit: "seconds" },
+  // busy time per actor overlaps the stages and each other: drawn beside them, never stacked
+  { id: "busy", title: "Actor busy time", sub: "seconds each actor worked in the iteration (overlapping), learner∥rollout overlap, and wall time", pattern: /^time\/(busy\/.+|overlap|total)$/, yFmt: "sec", unit: "seconds" },
+  { id: "eval", title: "Evaluation", sub: "held-out benchmarks: pass@1, maj@k, answered", pattern: /^eval\/(.+\/(?:pass@1|maj@k|answered))$/, yFmt: "pct", yMin: 0, yMax: 1, unit: "% of problems", why: (c) => !c.eval_benchmark || !c.eval_every ? "no evaluation configured (eval.benchmark and eval.every)" : null },
+  { id: "evaltools", title: "Evaluation tool use", sub: "mean Python tool calls per held-out problem", pattern: /^eval\/(.+)\/tool_calls_mean$/, unit: "calls", why: (c) => !c.eval_benchmark || !c.eval_every ? "no evaluation configured (eval.benchmark and eval.every)" : null },
+  { id: "faults", title: "Faults and parse failures", sub: "actor restarts; unparseable outputs per role", pattern: /^(faults\/.+|parse_failures\/.+)$/, yFmt: "int", unit: "count" },
 ];
 
 const runColor = (id) => PALETTE[state.runs.findIndex((r) => r.id === id) % PALETTE.length];
@@ -60,12 +65,17 @@ function styled(perRun) {
   return out;
 }
 
-function expectedKeys(def) {
-  return def.keys ? def.keys.join(", ") : def.prefix ? `${def.prefix}*` : String(def.pattern).replace(/^\/\^?|\$?\/$/g, "");
+// Why a chart is empty, in words: a reason from the run's config, else what it waits for.
+function emptyReason(def, run) {
+  const cfg = state.runs.find((r) => r.id === run)?.config || {};
+  const why = def.why && def.why(cfg);
+  if (why) return why;
+  const it = state.data[run]?.version?.last_iteration;
+  return it === null || it === undefined ? "the run has not logged an iteration yet" : `not logged by this run (${def.title.toLowerCase()})`;
 }
 
 function renderGridChart(def, node) {
-  const empty = `nothing logged yet for ${expectedKeys(def)}`;
+  const empty = emptyReason(def, state.selected[0]);
   if (def.type === "stack") {
     node.replaceChildren();
     for (const run of state.selected) {
@@ -80,12 +90,14 @@ function renderGridChart(def, node) {
         return { label: name, color: SANDBOX_COLORS[name] || PALETTE[i % PALETTE.length],
           values: x.map((it) => { const j = s.x.indexOf(it); return j < 0 ? 0 : s.y[j] || 0; }) };
       });
-      stackedBars(box, x, stacks, { normalize: def.normalize, yFmt: def.yFmt, emptyText: empty, height: state.selected.length > 1 ? 140 : 190 });
+      stackedBars(box, x, stacks, { normalize: def.normalize, yFmt: def.yFmt, emptyText: emptyReason(def, run),
+        yUnit: def.unit, height: state.selected.length > 1 ? 140 : 190 });
     }
     return;
   }
-  const series = styled(state.selected.map((run) => ({ run, series: pick(def, state.data[run]?.scalars || {}) })));
-  lineChart(node, series, { yFmt: def.yFmt, yMin: def.yMin, yMax: def.yMax, emptyText: empty });
+  const series = styled(state.selected.map((run) => ({ run, series: xAxis.apply(run, pick(def, state.data[run]?.scalars || {})) })));
+  lineChart(node, series, { yFmt: def.yFmt, yMin: def.yMin, yMax: def.yMax, emptyText: empty, yUnit: def.unit,
+    smooth: xAxis.smoothing, xFmt: xAxis.fmt(), xName: xAxis.name() });
 }
 
 function renderSkill() {
@@ -100,7 +112,9 @@ function renderSkill() {
     return { run, series };
   });
   const band = state.data[state.selected[0]]?.difficulty?.band;
-  lineChart(node, styled(perRun), { yFmt: "float", yMin: 0, yMax: 1, band, height: 260, emptyText: "no tasks or accuracy logged yet" });
+  lineChart(node, styled(perRun.map(({ run, series }) => ({ run, series: xAxis.apply(run, series) }))), { yFmt: "float",
+    yMin: 0, yMax: 1, band, height: 260, emptyText: "no tasks or accuracy logged yet", yUnit: "p̂ / accuracy",
+    smooth: xAxis.smoothing, xFmt: xAxis.fmt(), xName: xAxis.name() });
 }
 
 function renderDifficulty() {
@@ -122,14 +136,21 @@ function renderDifficulty() {
   }
 }
 
-// Where the curriculum stands, from the last iterations' p_hat mass relative to the band.
+// Where the curriculum stands, from the last iterations' proposals relative to the band. Unparseable
+// proposals count: they are proposals the executor never saw, so they are neither in the band nor scored.
 function verdict(per, band) {
-  const recent = per.slice(-3), sum = (k) => recent.reduce((a, p) => a + p[k], 0);
-  const scored = sum("scored");
-  if (!scored) return { cls: "neutral", word: "–", detail: "no scored tasks yet" };
-  const inside = sum("inside") / scored, above = sum("above") / scored, below = sum("below") / scored;
-  const detail = `${fmt(inside, "pct")} of recent tasks in band ${band[0].toFixed(2)}–${band[1].toFixed(2)}`;
+  const recent = per.slice(-3), sum = (k) => recent.reduce((a, p) => a + (p[k] || 0), 0);
+  const total = sum("tasks"), scored = sum("scored"), unscored = total - scored;
+  if (!total) return { cls: "neutral", word: "–", detail: "no proposals yet" };
+  const n = recent.length, span = n === 1 ? "last iteration" : `last ${n} iterations`;
+  const inside = sum("inside") / total, above = sum("above") / total, below = sum("below") / total;
+  const bad = unscored / total;
+  const parts = [`${sum("inside")} of ${total} proposals (${fmt(inside, "pct")}) in band ${band[0].toFixed(2)}–${band[1].toFixed(2)} over the ${span}`];
+  if (unscored) parts.push(`${unscored} unparseable`);
+  const detail = parts.join("; ");
+  if (bad >= 0.5) return { cls: "warn", word: "unparseable", detail: `${detail}: the proposer's output is mostly not a task` };
   if (inside >= 0.5) return { cls: "good", word: "on target", detail };
+  if (bad >= Math.max(above, below)) return { cls: "warn", word: "off target", detail: `${detail}: too few parseable proposals` };
   return above > below ? { cls: "warn", word: "too easy", detail: `${detail}; ${fmt(above, "pct")} above` }
     : { cls: "warn", word: "too hard", detail: `${detail}; ${fmt(below, "pct")} below` };
 }
@@ -148,7 +169,7 @@ function kpi(parent, label, value, sub, opts = {}) {
   const v = el("div", { class: "kpi-value" }, card, value);
   if (opts.delta !== undefined && opts.delta !== null && Math.abs(opts.delta) > 1e-9) {
     el("span", { class: `delta ${opts.neutral ? "" : opts.delta > 0 ? "up" : "down"}` }, v,
-      `${opts.delta > 0 ? "▲" : "▼"} ${fmt(Math.abs(opts.delta), opts.deltaFmt)}`);
+      `${opts.delta > 0 ? "▲" : "▼"} ${opts.deltaFmt === "pct" ? `${(100 * Math.abs(opts.delta)).toFixed(Math.abs(opts.delta) < 0.1 ? 1 : 0)} pp` : fmt(Math.abs(opts.delta), opts.deltaFmt)}`);
   }
   el("div", { class: "kpi-sub" }, card, sub || "");
 }
@@ -175,6 +196,15 @@ function renderKpis() {
   const evalKey = Object.keys(s).filter((k) => /^eval\/.+\/pass@1$/.test(k)).sort()[0];
   kpi(box, "Eval pass@1", fmt(lastOf(s[evalKey])?.y, "pct"), evalKey ? evalKey.slice(5, -7) : "no eval logged",
     { id: "eval", delta: trend(s[evalKey], 1), deltaFmt: "pct" });
+  const calls = lastOf(s["sandbox/calls"]), errRate = lastOf(s["sandbox/error_rate"]);
+  if (calls && calls.y > 0) {
+    const failed = Math.round((errRate?.y || 0) * calls.y);
+    kpi(box, "Sandbox", failed ? `${fmt(errRate.y, "pct")} failing` : "healthy",
+      failed ? `${failed} of ${fmt(calls.y, "int")} tool calls failed inside the sandbox (python -m sandbox doctor)`
+        : `${fmt(calls.y, "int")} tool calls, none failed in the sandbox`, { id: "sandbox", cls: `health ${failed ? "bad" : "good"}` });
+  } else {
+    kpi(box, "Sandbox", "–", cfg.use_tools === false ? "tools off" : "no tool calls in the last iteration", { id: "sandbox" });
+  }
   const tps = lastOf(s["throughput/tokens_per_s"]), tt = lastOf(s["time/total"]);
   kpi(box, "Throughput", tps ? `${fmt(tps.y)} tok/s` : "–", tt ? `${fmt(tt.y, "sec")} per iteration` : "", { id: "throughput" });
 }
@@ -266,6 +296,7 @@ async function main() {
   if (!state.selected.length) state.selected = state.runs.slice(0, 1).map((r) => r.id);
   renderChips();
   initTasks();
+  initControls(renderCharts);
   await Promise.all(state.selected.map((r) => load(r).catch((e) => showError(e.message))));
   renderAll();
   let timer = null;

@@ -4,7 +4,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 export const PALETTE = ["#3b6fb6", "#e8833a", "#3a9e6e", "#d0495a", "#7c5cb8", "#a0782c", "#d770ad", "#5f6b7a",
-  "#1f9fb4", "#b5b531"];
+  "#1f9fb4", "#b5b531", "#8fb3e8", "#2d2d6e"];
 const M = { top: 10, right: 14, bottom: 24, left: 46 };
 
 export function el(tag, attrs = {}, parent = null, text = null) {
@@ -64,7 +64,7 @@ export function emptyChart(node, message) {
 }
 
 // A chart frame: svg sized to the container, y axis with grid, x axis of integer iterations.
-function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks }) {
+function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks, xFmt, yUnit, yLabels }) {
   node.replaceChildren();
   node.classList.remove("empty");
   const width = Math.max(240, node.clientWidth || 400);
@@ -79,9 +79,16 @@ function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks }) {
   for (const t of ticks) {
     if (t < yLo - 1e-12 || t > yHi + 1e-12) continue;
     el("svg:line", { x1: M.left, x2: M.left + iw, y1: ys(t), y2: ys(t), class: "grid" }, axis);
-    el("svg:text", { x: M.left - 6, y: ys(t) + 3.5, "text-anchor": "end" }, axis, tickFmt(t, step, yFmt));
+    el("svg:text", { x: M.left - 6, y: ys(t) + 3.5, "text-anchor": "end", class: "ytick", "data-value": t }, axis,
+      yLabels ? yLabels(t) : tickFmt(t, step, yFmt));
   }
-  for (const t of intTicks(xLo, xHi, Math.max(2, Math.round(iw / 60)))) {
+  if (yUnit) el("svg:text", { x: 2, y: M.top - 2, class: "axis-unit" }, axis, yUnit);
+  if (xFmt) {  // wall time or tokens: round numbers of that unit
+    const n = niceTicks(xLo, xHi, Math.max(2, Math.round(iw / 70)));
+    const xstep = n.ticks.length > 1 ? n.ticks[1] - n.ticks[0] : 1;
+    for (const t of n.ticks) if (t >= xLo - 1e-9 && t <= xHi + 1e-9)
+      el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle" }, axis, xFmt(t, xstep));
+  } else for (const t of intTicks(xLo, xHi, Math.max(2, Math.round(iw / 60)))) {
     el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle" }, axis, String(t));
   }
   el("svg:line", { x1: M.left, x2: M.left + iw, y1: M.top + ih, y2: M.top + ih, class: "baseline" }, axis);
@@ -100,7 +107,7 @@ function legend(node, items) {
 }
 
 // Hover readout: a vertical rule at the nearest x and a box listing every series' value there.
-function hover(node, f, xValues, rows) {
+function hover(node, f, xValues, rows, title = (x) => `iteration ${x}`) {
   const tip = el("div", { class: "tip" }, node);
   const rule = el("svg:line", { class: "rule", y1: M.top, y2: M.top + f.ih, visibility: "hidden" }, f.svg);
   const pad = el("svg:rect", { x: M.left, y: M.top, width: f.iw, height: f.ih, class: "hover-pad" }, f.svg);
@@ -110,7 +117,7 @@ function hover(node, f, xValues, rows) {
     for (const x of xValues) if (Math.abs(f.xs(x) - px) < Math.abs(f.xs(best) - px)) best = x;
     rule.setAttribute("x1", f.xs(best)); rule.setAttribute("x2", f.xs(best)); rule.setAttribute("visibility", "visible");
     tip.replaceChildren();
-    el("div", { class: "tip-title" }, tip, `iteration ${best}`);
+    el("div", { class: "tip-title" }, tip, title(best));
     for (const r of rows(best)) {
       const line = el("div", { class: "tip-row" }, tip);
       const sw = el("span", { class: "swatch" }, line); sw.style.background = r.color;
@@ -125,7 +132,19 @@ function hover(node, f, xValues, rows) {
   pad.addEventListener("mouseleave", () => { tip.style.display = "none"; rule.setAttribute("visibility", "hidden"); });
 }
 
-// series: [{label, color, dash, x: [], y: []}]; y null = gap. opts: yMin, yMax, yFmt, band, height.
+// TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled to 0.
+export function smooth(ys, weight) {
+  if (!(weight > 0)) return ys.slice();
+  let last = 0, n = 0;
+  return ys.map((y) => {
+    if (y === null) return null;
+    last = last * weight + (1 - weight) * y; n += 1;
+    return last / (1 - weight ** n);
+  });
+}
+
+// series: [{label, color, dash, x: [], y: []}]; y null = gap. opts: yMin, yMax, yFmt, yUnit, band, height,
+// smooth (0..1: EMA weight; the raw series stays as a faint line), xFmt/xName (x axis other than iterations).
 export function lineChart(node, series, opts = {}) {
   const live = series.filter((s) => s.y.some((v) => v !== null));
   if (!live.length) return emptyChart(node, opts.emptyText || "no data yet");
@@ -135,26 +154,32 @@ export function lineChart(node, series, opts = {}) {
   if (opts.yMin === undefined && opts.yMax === undefined) ({ lo: yLo, hi: yHi } = niceTicks(yLo, yHi));
   else if (yHi <= yLo) yHi = yLo + 1;
   const f = frame(node, { height: opts.height || 190, xLo: xsAll[0], xHi: xsAll[xsAll.length - 1], yLo, yHi,
-    yFmt: opts.yFmt, band: opts.band });
+    yFmt: opts.yFmt, band: opts.band, xFmt: opts.xFmt, yUnit: opts.yUnit });
   const plot = el("svg:g", { class: "plot" }, f.svg);
-  for (const s of live) {
+  const pathOf = (s, ys) => {
     let d = "", pen = false;
     s.x.forEach((x, i) => {
-      const y = s.y[i];
-      if (y === null) { pen = false; return; }
+      const y = ys[i];
+      if (y === null || y === undefined) { pen = false; return; }
       d += `${pen ? "L" : "M"}${f.xs(x).toFixed(1)},${f.ys(Math.min(yHi, Math.max(yLo, y))).toFixed(1)}`;
       pen = true;
     });
-    const path = el("svg:path", { d, class: "series", stroke: s.color, "stroke-dasharray": s.dash || null }, plot);
+    return d;
+  };
+  const drawn = live.map((s) => ({ ...s, sy: smooth(s.y, opts.smooth) }));
+  for (const s of drawn) {
+    if (opts.smooth > 0) el("svg:path", { d: pathOf(s, s.y), class: "raw", stroke: s.color }, plot);
+    const path = el("svg:path", { d: pathOf(s, s.sy), class: "series", stroke: s.color, "stroke-dasharray": s.dash || null }, plot);
     path.dataset.label = s.label;
+    path.dataset.points = JSON.stringify(s.x.map((x, i) => [x, s.sy[i]]).filter((p) => p[1] !== null));
     const n = s.y.filter((v) => v !== null).length;
-    if (n <= 40) s.x.forEach((x, i) => { if (s.y[i] !== null) el("svg:circle", { cx: f.xs(x), cy: f.ys(s.y[i]), r: 2.4, fill: s.color, class: "dot" }, plot); });
+    if (n <= 40) s.x.forEach((x, i) => { if (s.sy[i] !== null) el("svg:circle", { cx: f.xs(x), cy: f.ys(s.sy[i]), r: 2.4, fill: s.color, class: "dot" }, plot); });
   }
   legend(node, live);
-  hover(node, f, xsAll, (x) => live.map((s) => {
+  hover(node, f, xsAll, (x) => drawn.map((s) => {
     const i = s.x.indexOf(x);
-    return { label: s.label, color: s.color, value: i < 0 ? "–" : fmt(s.y[i], opts.yFmt) };
-  }));
+    return { label: s.label, color: s.color, value: i < 0 ? "–" : fmt(s.sy[i], opts.yFmt) };
+  }), opts.xName);
 }
 
 // x: iterations; stacks: [{label, color, values}] aligned with x. normalize: show shares of each bar.
@@ -163,8 +188,8 @@ export function stackedBars(node, x, stacks, opts = {}) {
   if (!x.length || !live.length) return emptyChart(node, opts.emptyText || "no data yet");
   const totals = x.map((_, i) => live.reduce((a, s) => a + (s.values[i] || 0), 0));
   const yHi = opts.normalize ? 1 : niceTicks(0, Math.max(...totals)).hi;
-  const f = frame(node, { height: opts.height || 190, xLo: x[0], xHi: x[x.length - 1], yLo: 0, yHi,
-    yFmt: opts.normalize ? "pct" : opts.yFmt });
+  const f = frame(node, { height: opts.height || 190, xLo: x[0] - 0.5, xHi: x[x.length - 1] + 0.5, yLo: 0, yHi,
+    yFmt: opts.normalize ? "pct" : opts.yFmt, yUnit: opts.yUnit });
   const step = x.length > 1 ? (f.xs(x[x.length - 1]) - f.xs(x[0])) / (x[x.length - 1] - x[0]) : f.iw / 2;
   const bw = Math.max(1, Math.min(28, step * 0.8));
   const plot = el("svg:g", { class: "plot" }, f.svg);
@@ -175,16 +200,18 @@ export function stackedBars(node, x, stacks, opts = {}) {
       const v = (s.values[i] || 0) / (opts.normalize ? total : 1);
       if (v <= 0) continue;
       el("svg:rect", { x: f.xs(it) - bw / 2, width: bw, y: f.ys(acc + v), height: f.ys(acc) - f.ys(acc + v),
-        fill: s.color, class: "series bar" }, plot);
+        fill: s.color, class: "series bar", "data-x": it, "data-label": s.label, "data-value": s.values[i] || 0 }, plot);
       acc += v;
     }
   });
   legend(node, live);
   hover(node, f, x, (it) => {
     const i = x.indexOf(it);
-    return live.map((s) => ({ label: s.label, color: s.color,
+    const rows = live.map((s) => ({ label: s.label, color: s.color,
       value: opts.normalize ? `${fmt(s.values[i] || 0, opts.yFmt)} (${fmt((s.values[i] || 0) / (totals[i] || 1), "pct")})`
         : fmt(s.values[i] || 0, opts.yFmt) }));
+    if (!opts.normalize) rows.push({ label: "total", color: "transparent", value: fmt(totals[i], opts.yFmt) });
+    return rows;
   });
 }
 
@@ -194,50 +221,72 @@ function heatColor(share) { // pale -> deep blue; share is relative to the fulle
   return `rgb(${c0.map((a, k) => Math.round(a + (c1[k] - a) * t)).join(",")})`;
 }
 
-// difficulty: the /difficulty payload. Rows are p_hat bins centred on i/bins; an extra bottom row counts
-// tasks without a p_hat (unparseable). The band is drawn as two lines; the mean p_hat as a line on top.
+// The fraction j/k as text ("1/4"), reduced; k = bins.
+function frac(j, k) {
+  const g = (a, b) => (b ? g(b, a % b) : a), d = g(j, k) || 1;
+  return j === 0 ? "0" : j === k ? "1" : `${j / d}/${k / d}`;
+}
+
+// difficulty: the /difficulty payload. Row j (0..bins) holds the tasks with p_hat = j/bins (bins = k, the
+// samples per task, so each possible p_hat has its own row); its tick sits at the row's centre. The band is
+// drawn at the edges of the rows it admits (never through a row); an extra bottom row counts tasks without
+// a p_hat (unparseable). A colour scale says what the shades mean; the mean p_hat is a line on top.
 export function heatmap(node, diff, opts = {}) {
   const per = diff.per_iteration;
   if (!per.length) return emptyChart(node, "no tasks logged yet");
   const iters = per.map((p) => p.iteration);
   const lo = Math.min(iters[0], opts.xLo ?? Infinity), hi = Math.max(iters[iters.length - 1], opts.xHi ?? -Infinity);
-  const nb = diff.bins, rows = nb + 1, height = opts.height || 260;
+  const nb = diff.bins, height = opts.height || 260;
   const half = 0.5 / nb;
+  const every = Math.max(1, Math.ceil((nb + 1) / Math.max(2, Math.floor((height - 40) / 16))));  // labels that fit
+  const yTicks = [];
+  for (let j = 0; j <= nb; j += every) yTicks.push(j / nb);
   const f = frame(node, { height, xLo: lo - 0.5, xHi: hi + 0.5, yLo: -half - 1 / nb, yHi: 1 + half, yFmt: "float",
-    yTicks: [0, 0.2, 0.4, 0.6, 0.8, 1] });
+    yTicks, yLabels: (t) => frac(Math.round(t * nb), nb), yUnit: "p̂" });
   const cellW = Math.max(1, f.xs(lo + 0.5) - f.xs(lo - 0.5)), cellH = f.ys(0) - f.ys(1 / nb);
   const byIt = new Map(per.map((p) => [p.iteration, p]));
   const maxShare = Math.max(1e-9, ...diff.cells.map((c) => c.count / (byIt.get(c.iteration)?.tasks || 1)));
   const plot = el("svg:g", { class: "plot" }, f.svg);
   for (const c of diff.cells) {
-    const p = byIt.get(c.iteration), share = p && p.tasks ? c.count / p.tasks / maxShare : 0;
+    const p = byIt.get(c.iteration), share = p && p.tasks ? c.count / p.tasks : 0;
     const r = el("svg:rect", { x: f.xs(c.iteration - 0.5), y: f.ys(c.bin / nb + half), width: cellW + 0.3,
-      height: cellH + 0.3, fill: heatColor(share), class: "series cell" }, plot);
-    r.dataset.iteration = c.iteration;
+      height: cellH + 0.3, fill: heatColor(share / maxShare), class: "series cell" }, plot);
+    Object.assign(r.dataset, { iteration: c.iteration, bin: c.bin, count: c.count, share: share.toFixed(4) });
   }
   for (const p of per) {
     if (!p.unscored) continue;
-    el("svg:rect", { x: f.xs(p.iteration - 0.5), y: f.ys(-half), width: cellW + 0.3, height: cellH + 0.3,
+    const r = el("svg:rect", { x: f.xs(p.iteration - 0.5), y: f.ys(-half), width: cellW + 0.3, height: cellH + 0.3,
       fill: "#d0495a", "fill-opacity": Math.min(1, 0.25 + p.unscored / p.tasks), class: "series cell unscored" }, plot);
+    Object.assign(r.dataset, { iteration: p.iteration, count: p.unscored });
   }
   el("svg:text", { x: M.left - 6, y: f.ys(-half - 0.5 / nb) + 3.5, "text-anchor": "end", class: "axis-note" }, f.svg, "none");
   const [bl, bh] = diff.band;
-  for (const [v, name] of [[bh, "band high"], [bl, "band low"]]) {
-    el("svg:line", { x1: M.left, x2: M.left + f.iw, y1: f.ys(v), y2: f.ys(v), class: "band-line" }, f.svg);
-    el("svg:text", { x: M.left + f.iw - 4, y: f.ys(v) - 4, "text-anchor": "end", class: "band-label" }, f.svg,
-      `${name} ${v.toFixed(2)}`);
+  const admitted = [];
+  for (let j = 0; j <= nb; j++) if (j / nb >= bl - 1e-9 && j / nb <= bh + 1e-9) admitted.push(j);
+  if (admitted.length) {
+    const edges = [[(admitted[admitted.length - 1] + 0.5) / nb, `band high ${bh.toFixed(2)}`],
+      [(admitted[0] - 0.5) / nb, `band low ${bl.toFixed(2)}`]];
+    for (const [v, name] of edges) {
+      el("svg:line", { x1: M.left, x2: M.left + f.iw, y1: f.ys(v), y2: f.ys(v), class: "band-line", "data-edge": v }, f.svg);
+      el("svg:text", { x: M.left + f.iw - 4, y: f.ys(v) - 4, "text-anchor": "end", class: "band-label" }, f.svg, name);
+    }
   }
   const means = per.filter((p) => p.mean_p_hat !== null);
   if (means.length) {
     const d = means.map((p, i) => `${i ? "L" : "M"}${f.xs(p.iteration).toFixed(1)},${f.ys(p.mean_p_hat).toFixed(1)}`).join("");
     el("svg:path", { d, class: "series mean-line" }, plot);
   }
-  legend(node, [{ label: "share of the iteration's tasks at this p̂", color: heatColor(0.6) },
-    { label: "mean p̂", color: "#e8833a" }, { label: "acceptance band", color: "#3a9e6e", dash: true },
-    { label: "no p̂ (unparseable)", color: "#d0495a" }]);
+  const scale = el("div", { class: "color-scale" }, node);
+  el("span", {}, scale, "share of the iteration's tasks: 0");
+  const bar = el("span", { class: "color-bar" }, scale);
+  bar.style.background = `linear-gradient(to right, ${[0, 0.25, 0.5, 0.75, 1].map(heatColor).join(", ")})`;
+  el("span", { class: "color-max" }, scale, fmt(maxShare, "pct"));
+  legend(node, [{ label: "mean p̂", color: "#e8833a" },
+    { label: `acceptance band (admits p̂ = ${admitted.map((j) => frac(j, nb)).join(", ") || "none"})`, color: "#3a9e6e", dash: true },
+    { label: "no p̂ (unparseable proposal)", color: "#d0495a" }]);
   hover(node, f, iters, (it) => {
     const p = byIt.get(it), cells = diff.cells.filter((c) => c.iteration === it);
-    const dist = cells.map((c) => `${(c.bin / nb).toFixed(2)}×${c.count}`).join(" ");
+    const dist = cells.map((c) => `${frac(c.bin, nb)}×${c.count}`).join(" ");
     return [
       { label: "tasks", color: "#5f6b7a", value: `${p.tasks} (${p.accepted} accepted)` },
       { label: "below / in / above band", color: "#3a9e6e", value: `${p.below} / ${p.inside} / ${p.above}` },

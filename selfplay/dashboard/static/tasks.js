@@ -71,16 +71,31 @@ function pHatCell(td, p, band) {
   if (p !== null) { const m = el("span", { class: "phat-mark" }, bar); m.style.left = `${p * 100}%`; }
 }
 
-function verdictBadge(parent, t) {
+// Why the loop rejected a proposal (selfplay/run/loop.py `admit`; parse reasons: roles/proposer.py).
+const PARSE = { truncated: "cut off at proposer.max_tokens", no_question: "no <question> tag",
+  unclosed_question: "<question> never closed", nested_tags: "nested tags", empty_question: "empty question",
+  answer_leak: "the question gives its answer away" };
+export function rejectReason(t, band) {
+  const r = t.reject_reason || "";
+  if (r.startsWith("parse:")) return { short: "unparseable", long: `unparseable proposal: ${PARSE[r.slice(6)] || r.slice(6)}` };
+  if (r === "no_majority_answer") return { short: "no answers", long: "none of the executor's samples gave a final answer, so there is no label to vote on" };
+  if (r === "too_easy") return { short: "too easy", long: `too easy: p̂ ${fmt(t.p_hat)} above the band's ${band[1].toFixed(2)}` };
+  if (r === "too_hard") return { short: "too hard", long: `too hard: p̂ ${fmt(t.p_hat)} below the band's ${band[0].toFixed(2)}` };
+  if (r === "duplicate") return { short: "duplicate", long: "duplicate: the pool already holds this question" };
+  return { short: r || "rejected", long: r || "rejected" };
+}
+
+function verdictBadge(parent, t, band = [0, 1]) {
   if (t.accepted) return el("span", { class: "badge ok" }, parent, "accepted");
-  return el("span", { class: "badge no" }, parent, t.reject_reason || "rejected");
+  const why = rejectReason(t, band);
+  return el("span", { class: "badge no", title: why.long }, parent, why.short);
 }
 
 function taskRow(t, band, run) {
   const tr = el("tr", { "data-task-id": t.task_id, class: openTask === t.task_id ? "open" : "", tabindex: 0 });
   el("td", { class: "num" }, tr, String(t.iteration));
   pHatCell(el("td", {}, tr), t.p_hat, band);
-  verdictBadge(el("td", {}, tr), t);
+  verdictBadge(el("td", {}, tr), t, band);
   el("td", { class: "num" }, tr, fmt(t.proposer_reward));
   const maj = el("td", { class: "maj" }, tr);
   el("code", {}, maj, t.pseudo_label ?? "–");
@@ -122,12 +137,16 @@ function renderDetail(t, run) {
   if (!t) { el("p", { class: "muted" }, box, "Select a task to see its trajectories."); return; }
   const head = el("div", { class: "detail-head" }, box);
   el("h3", {}, head, t.task_id);
-  verdictBadge(head, t);
+  const band = state.data[run]?.difficulty?.band || [0, 1];
+  verdictBadge(head, t, band);
   el("div", { class: "muted" }, box, `${run} · iteration ${t.iteration}`);
+  if (!t.accepted) el("p", { class: "reject-why" }, box, rejectReason(t, band).long);
   el("div", { class: "question" }, box, t.question);
   const facts = el("dl", { class: "facts" }, box);
   const fact = (k, v) => { el("dt", {}, facts, k); el("dd", {}, facts, v); };
-  fact("p̂", t.p_hat === null ? "– (no answer parsed)" : `${t.p_hat.toFixed(2)} (${t.majority_count}/${t.n_samples} agree)`);
+  const noPhat = (t.reject_reason || "").startsWith("parse:") ? "– (the proposal was not a parseable task; the executor never tried it)"
+    : "– (no executor sample gave a final answer)";
+  fact("p̂", t.p_hat === null ? noPhat : `${t.p_hat.toFixed(2)} (${t.majority_count}/${t.n_samples} agree)`);
   fact("pseudo-label", t.pseudo_label ?? "–");
   fact("proposer reward", fmt(t.proposer_reward));
   fact("tool calls (mean)", t.mean_tool_calls === null ? "–" : fmt(t.mean_tool_calls));
@@ -148,7 +167,9 @@ function renderDetail(t, run) {
     }
   }
   el("h4", {}, box, `Trajectories (${t.trajectories.length})`);
-  if (!t.trajectories.length) el("p", { class: "muted" }, box, "none kept for this task (metrics.trajectories_per_iteration)");
+  if (!t.trajectories.length) el("p", { class: "muted" }, box, (t.reject_reason || "").startsWith("parse:")
+    ? "none: an unparseable proposal is never given to the executor"
+    : "none kept for this task (the run keeps metrics.verification_samples_per_task answers per task and metrics.trajectories_per_iteration practice trajectories)");
   for (const tr of t.trajectories) {
     const card = el("details", { class: "traj", "data-traj-id": tr.traj_id }, box);
     if (t.trajectories.length <= 3) card.open = true;

@@ -129,3 +129,34 @@ def test_short_error_unwraps_a_ray_task_error():
     assert lines[0] == "error: OSError: model weights not found in /data/m"
     assert len(lines) <= 3 and "--verbose" in text
     assert short_error(ConfigError("a: b")) == "error: a: b"
+
+
+def test_status_is_a_short_summary_and_json_on_request(tmp_path):
+    from selfplay.dashboard.demo import write_demo_run
+    from selfplay.run.rundir import RunDir
+
+    run = tmp_path / "demo"
+    write_demo_run(run, iterations=3)
+    RunDir(run).write_state(status="finished", iteration=3)
+    res = selfplay("status", str(run))
+    lines = res.stdout.splitlines()
+    assert res.returncode == 0 and 2 <= len(lines) <= 6, res.stdout
+    assert lines[0].startswith(f"{run}: finished, iteration 3/3 committed, updated ")
+    assert lines[1].strip().startswith("it    2") and "accepted" in lines[1]  # the last logged iteration
+    assert f"selfplay dashboard {run}" in res.stdout and f"selfplay resume {run} loop.iterations=6" in res.stdout
+    raw = json.loads(selfplay("status", str(run), "--json").stdout)
+    assert raw["status"] == "finished" and raw["last_logged_iteration"] == 2 and "tasks/proposed" in raw["scalars"]
+
+
+def test_dashboard_takes_a_directory_of_runs_and_refuses_one_without(tmp_path):
+    from selfplay.dashboard.demo import write_demo_run
+    from selfplay.dashboard.runs import NoRunFound, find_runs
+
+    write_demo_run(tmp_path / "runs" / "a", iterations=1)
+    write_demo_run(tmp_path / "runs" / "b", iterations=1)
+    (tmp_path / "runs" / "notes").mkdir()
+    assert find_runs([tmp_path / "runs"]) == [(tmp_path / "runs" / n).resolve() for n in ("a", "b")]
+    assert find_runs([tmp_path / "runs" / "a"]) == [(tmp_path / "runs" / "a").resolve()]
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(NoRunFound, match=r"no run in .*empty .*looked for config.yaml.*empty/sub"):
+        find_runs([tmp_path / "empty"])

@@ -1,0 +1,67 @@
+"""The console of a real run, as a user sees it: a handful of our own lines before the first iteration's
+summary (Ray's, vLLM's and the libraries' output goes to files under logs/), the same lines in
+logs/driver.log, where to look at the end; then `resume RUN loop.iterations=N` extends the finished run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfplay.run.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+DEBUG = str(REPO / "configs" / "debug.yaml")
+TINY = [
+    "proposer.candidates_per_iteration=2", "proposer.group_size=2", "proposer.max_tokens=64",
+    "executor.samples_per_task=3", "executor.group_size=2", "executor.tasks_per_iteration=1",
+    "executor.max_turns=1", "executor.max_tokens_per_turn=64", "eval.every=0", "engine.backend=hf",
+]
+MAX_LINES_BEFORE_SUMMARY = 20
+
+
+def selfplay(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SELFPLAY_DEBUG"}
+    return subprocess.run([sys.executable, "-m", "selfplay", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def lines_before(out: str, prefix: str) -> list[str]:
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    first = next((i for i, ln in enumerate(lines) if ln.startswith(prefix)), None)
+    assert first is not None, f"no line starting with {prefix!r}:\n{out}"
+    return lines[:first]
+
+
+def test_console_is_short_logs_go_to_files_and_resume_extends(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    res = selfplay("run", DEBUG, f"run_dir={rd.root}", "loop.iterations=1", *TINY)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    before = lines_before(out, "it    1")
+    assert len(before) <= MAX_LINES_BEFORE_SUMMARY, "\n".join(before)
+    assert before[0] == f"run directory: {rd.root}"
+    # nothing of Ray's or the libraries' own output on the console
+    for noise in ("core_worker", "Token authentication", "Loading weights", "INFO", "(pid="):
+        assert noise not in out, noise
+    assert f"selfplay dashboard {rd.root}" in out and "1/1 iterations committed" in out
+    # the console's lines are kept, each under a timestamp, with the stage boundaries between them
+    log = (rd.logs / "driver.log").read_text()
+    for line in [*before, next(ln for ln in out.splitlines() if ln.startswith("it    1"))]:
+        assert line in log, line
+    assert "iteration 1: propose" in log
+    # each actor writes its own log file; Ray's driver-side messages are in libraries.log
+    for actor in ("rollout", "learner", "verifier", "sandbox"):
+        assert (rd.logs / f"{actor}.log").exists(), actor
+    assert (rd.logs / "libraries.log").stat().st_size > 0
+
+    res = selfplay("resume", str(rd.root), "loop.iterations=2")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert len(lines_before(out, "it    2")) <= MAX_LINES_BEFORE_SUMMARY
+    assert rd.state()["status"] == "finished" and rd.state()["iteration"] == 2
+    assert rd.load_config().loop.iterations == 2
+    assert any(e.get("event") == "config_changed" for e in rd.read_events())
