@@ -31,8 +31,13 @@ class App(typer.Typer):
             argv.remove("--verbose")
         try:
             return super().__call__(*args, **kwargs)
-        except (SystemExit, KeyboardInterrupt):
+        except SystemExit:
             raise
+        except KeyboardInterrupt:  # Ctrl-C outside a run (a run handles its own: it stops at a safe point)
+            if verbose:
+                traceback.print_exc()
+            console.print("interrupted", highlight=False)
+            sys.exit(130)
         except Exception as e:
             if verbose:
                 traceback.print_exception(e)

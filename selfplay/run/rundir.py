@@ -8,7 +8,7 @@
     <run_dir>/pool.jsonl         accepted tasks with pseudo-labels
     <run_dir>/replay/            replay buffer (Parquet)
     <run_dir>/metrics.sqlite     metrics store (the dashboard reads it)
-    <run_dir>/logs/              driver log
+    <run_dir>/logs/              driver.log (the console's lines), <actor>.log, libraries.log
 """
 from __future__ import annotations
 
