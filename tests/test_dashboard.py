@@ -96,6 +96,26 @@ def test_difficulty_matches_the_logged_tasks(client, runs) -> None:
         assert cells == expected
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_heatmap_has_one_row_per_possible_p_hat_for_small_k(tmp_path, k) -> None:
+    """k = 3 gives p_hat in {1/3, 2/3, 1}: three rows plus 0, not four bins that 1/3 and 2/3 fall between,
+    even when most logged proposals were unparseable (they have no samples)."""
+    run = tmp_path / f"k{k}"
+    cfg = write_config(run)
+    cfg.executor.samples_per_task = k
+    (run / "config.yaml").write_text(dump_config(cfg))
+    tasks = [TaskRecord(f"u{j}", 0, "?", None, None, -1.0, {}, {}, 0, None, False, "parse:no_question") for j in range(5)]
+    tasks += [TaskRecord(f"t{j}", 0, "q", "1", j / k, 0.0, {}, {"1": j}, k, 0.0, False, None) for j in range(1, k + 1)]
+    with MetricsStore(run / "metrics.sqlite") as store:
+        store.log_tasks(0, tasks)
+    diff = TestClient(create_app([run]), base_url="http://127.0.0.1").get(f"/api/runs/k{k}/difficulty").json()
+    assert diff["bins"] == k
+    assert sorted(c["bin"] for c in diff["cells"]) == list(range(1, k + 1))
+    (run / "config.yaml").write_text("name: no-k\n")  # without k in the config: the scored tasks' own k
+    diff = TestClient(create_app([run]), base_url="http://127.0.0.1").get(f"/api/runs/k{k}/difficulty").json()
+    assert diff["bins"] == k
+
+
 def test_task_filters_search_sort_and_paging(client, runs) -> None:
     tasks = runs["alpha"]["tasks"]
     page = client.get("/api/runs/alpha/tasks", params={"status": "accepted", "limit": 500}).json()

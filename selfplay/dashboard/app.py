@@ -108,7 +108,8 @@ def create_app(run_dirs: list[Path], allowed_hosts: list[str] | None = None) -> 
         with store(run) as conn:
             if conn is None:
                 return {"bins": bins or 10, "band": [cfg["band_low"], cfg["band_high"]], "cells": [], "per_iteration": []}
-            return queries.difficulty(conn, cfg["band_low"], cfg["band_high"], bins)
+            k = cfg["samples_per_task"] if isinstance(cfg["samples_per_task"], int) else None
+            return queries.difficulty(conn, cfg["band_low"], cfg["band_high"], bins, k)
 
     @app.get("/api/runs/{run_id}/iterations")
     def run_iterations(run_id: str) -> list[int]:

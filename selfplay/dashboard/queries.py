@@ -51,17 +51,21 @@ def scalars(conn: sqlite3.Connection, prefix: str = "") -> dict[str, dict[str, l
 
 
 def common_k(conn: sqlite3.Connection) -> int | None:
-    row = conn.execute("SELECT n_samples FROM tasks GROUP BY n_samples ORDER BY COUNT(*) DESC LIMIT 1").fetchone()
+    """The most common number of executor samples among scored tasks (unparseable proposals have none)."""
+    row = conn.execute("SELECT n_samples FROM tasks WHERE n_samples > 0 GROUP BY n_samples "
+                       "ORDER BY COUNT(*) DESC LIMIT 1").fetchone()
     return row[0] if row and row[0] else None
 
 
-def difficulty(conn: sqlite3.Connection, band_low: float, band_high: float, bins: int | None = None) -> dict:
+def difficulty(conn: sqlite3.Connection, band_low: float, band_high: float, bins: int | None = None,
+               k: int | None = None) -> dict:
     """p_hat of proposed tasks per iteration, binned for a heatmap, plus where each iteration sits vs the band.
 
-    Bins are centred on i/bins (i = 0..bins) and bins defaults to the run's k (samples per task), so each
-    possible p_hat = j/k value gets its own row instead of striping the heatmap.
+    Bins are centred on i/bins (i = 0..bins) and bins defaults to the run's k (`executor.samples_per_task`,
+    else the tasks' most common sample count), so each possible p_hat = j/k value gets its own row: with
+    fewer or more bins than k, rows fall between the values p_hat can take.
     """
-    bins = bins or min(50, max(4, common_k(conn) or 10))
+    bins = bins or min(50, max(1, k or common_k(conn) or 10))
     cells = [
         {"iteration": it, "bin": b, "count": n, "accepted": acc}
         for it, b, n, acc in conn.execute(

@@ -5,7 +5,7 @@
 const SVG = "http://www.w3.org/2000/svg";
 export const PALETTE = ["#3b6fb6", "#e8833a", "#3a9e6e", "#d0495a", "#7c5cb8", "#a0782c", "#d770ad", "#5f6b7a",
   "#1f9fb4", "#b5b531", "#8fb3e8", "#2d2d6e"];
-const M = { top: 10, right: 14, bottom: 24, left: 46 };
+const M = { top: 18, right: 14, bottom: 24, left: 46 };  // top: room for the y unit above the axis
 
 export function el(tag, attrs = {}, parent = null, text = null) {
   const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
@@ -82,7 +82,7 @@ function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks, xFmt, yUn
     el("svg:text", { x: M.left - 6, y: ys(t) + 3.5, "text-anchor": "end", class: "ytick", "data-value": t }, axis,
       yLabels ? yLabels(t) : tickFmt(t, step, yFmt));
   }
-  if (yUnit) el("svg:text", { x: 2, y: M.top - 2, class: "axis-unit" }, axis, yUnit);
+  if (yUnit) el("svg:text", { x: 2, y: M.top - 9, class: "axis-unit" }, axis, yUnit);
   if (xFmt) {  // wall time or tokens: round numbers of that unit
     const n = niceTicks(xLo, xHi, Math.max(2, Math.round(iw / 70)));
     const xstep = n.ticks.length > 1 ? n.ticks[1] - n.ticks[0] : 1;
