@@ -208,6 +208,9 @@ def submit(
 def logs(job_id: str, address: AddressOpt) -> None:
     """Print a submitted job's logs."""
     from selfplay.run import jobs
+    from selfplay.run.preflight import check_reachable
+
+    check_reachable(address, "the Ray dashboard (--address)", 8265)
 
     typer.echo(jobs.logs(job_id, address))
 
@@ -216,6 +219,9 @@ def logs(job_id: str, address: AddressOpt) -> None:
 def stop(job_id: str, address: AddressOpt) -> None:
     """Stop a submitted job (the driver checkpoints at its next safe point)."""
     from selfplay.run import jobs
+    from selfplay.run.preflight import check_reachable
+
+    check_reachable(address, "the Ray dashboard (--address)", 8265)
 
     typer.echo("stopping" if jobs.stop(job_id, address) else "not running")
 

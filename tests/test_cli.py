@@ -69,6 +69,8 @@ def test_unreachable_cluster_fails_before_ray_in_seconds():
     assert_short(res, f"127.0.0.1:{port}", "cannot reach the Ray dashboard")
     res = selfplay("run", DEBUG, f"ray.address=127.0.0.1:{port}")
     assert_short(res, "cannot reach the Ray cluster (ray.address)")
+    for cmd in ("logs", "stop"):
+        assert_short(selfplay(cmd, "raysubmit_123", "--address", f"http://127.0.0.1:{port}"), "cannot reach")
 
 
 def test_uncached_hub_id_offline_names_the_download(tmp_path):
