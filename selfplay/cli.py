@@ -175,7 +175,7 @@ def status(
     else:
         from selfplay.run.summary import status_lines
 
-        typer.echo("\n".join(status_lines(out, rd.load_config(), run_dir)))
+        typer.echo("\n".join(status_lines(out, rd.load_config(), run_dir, events=rd.read_events())))
 
 
 @app.command()

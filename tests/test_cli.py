@@ -162,3 +162,23 @@ def test_dashboard_takes_a_directory_of_runs_and_refuses_one_without(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(NoRunFound, match=r"no run in .*empty .*looked for config.yaml.*empty/sub"):
         find_runs([tmp_path / "empty"])
+
+
+def test_status_of_a_running_run_names_its_stage(tmp_path):
+    """A live driver (this test's own pid) in the middle of iteration 4's practice stage."""
+    from selfplay.dashboard.demo import write_demo_run
+    from selfplay.run.rundir import RunDir
+
+    run = tmp_path / "live"
+    write_demo_run(run, iterations=3)
+    rd = RunDir(run)
+    rd.write_state(status="running", iteration=3, pid=os.getpid())
+    rd.event("driver_start", pid=os.getpid())
+    rd.event("stage", iteration=4, stage="propose", phase="start")
+    rd.event("stage", iteration=4, stage="propose", phase="end")
+    rd.event("stage", iteration=4, stage="practice", phase="start")
+    res = selfplay("status", str(run))
+    assert "running, iteration 3/3 committed" in res.stdout
+    assert "now: iteration 4, practice (since " in res.stdout
+    rd.event("stage", iteration=4, stage="practice", phase="end")
+    assert "now:" not in selfplay("status", str(run)).stdout

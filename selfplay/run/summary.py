@@ -33,7 +33,18 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def status_lines(out: dict[str, Any], cfg: RunConfig, shown_as: Path | str, now: float | None = None) -> list[str]:
+def current_stage(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The stage a running driver is in: the last `stage` start event without its end."""
+    for e in reversed(events):
+        if e.get("event") == "driver_start":
+            return None
+        if e.get("event") == "stage":
+            return e if e.get("phase") == "start" else None
+    return None
+
+
+def status_lines(out: dict[str, Any], cfg: RunConfig, shown_as: Path | str, now: float | None = None,
+                 events: list[dict[str, Any]] | None = None) -> list[str]:
     """What `selfplay status` prints: status, progress, the latest iteration's summary, what to do next."""
     st = out.get("status", "unknown")
     if st == "running" and out.get("pid") and not _alive(out["pid"]):
@@ -41,6 +52,9 @@ def status_lines(out: dict[str, Any], cfg: RunConfig, shown_as: Path | str, now:
     done = int(out.get("iteration") or 0)
     lines = [f"{shown_as}: {st}, iteration {done}/{cfg.loop.iterations} committed, "
              f"updated {_ago(out.get('updated_at'), now)}"]
+    stage = current_stage(events or []) if st == "running" else None
+    if stage:
+        lines.append(f"  now: iteration {stage.get('iteration')}, {stage.get('stage')} (since {_ago(stage.get('t'), now)})")
     last, scalars = out.get("last_logged_iteration"), out.get("scalars") or {}
     if last is not None and scalars:
         lines.append("  " + summary_line(int(last), scalars))

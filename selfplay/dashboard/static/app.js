@@ -194,7 +194,8 @@ function renderKpis() {
   const ex = s["executor/accuracy"];
   kpi(box, "Executor accuracy", fmt(lastOf(ex)?.y, "pct"), "vs pseudo-labels", { id: "exec", delta: trend(ex), deltaFmt: "pct" });
   const evalKey = Object.keys(s).filter((k) => /^eval\/.+\/pass@1$/.test(k)).sort()[0];
-  kpi(box, "Eval pass@1", fmt(lastOf(s[evalKey])?.y, "pct"), evalKey ? evalKey.slice(5, -7) : "no eval logged",
+  const noEval = cfg.eval_benchmark && cfg.eval_every ? `none yet (every ${cfg.eval_every} iterations)` : "no evaluation configured";
+  kpi(box, "Eval pass@1", fmt(lastOf(s[evalKey])?.y, "pct"), evalKey ? evalKey.slice(5, -7) : noEval,
     { id: "eval", delta: trend(s[evalKey], 1), deltaFmt: "pct" });
   const calls = lastOf(s["sandbox/calls"]), errRate = lastOf(s["sandbox/error_rate"]);
   if (calls && calls.y > 0) {
