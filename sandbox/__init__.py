@@ -19,9 +19,12 @@ _EXPORTS = {
     "ISOLATION_LEVELS": "sandbox.types", "ExecResult": "sandbox.types", "ExecStatus": "sandbox.types",
     "IsolationError": "sandbox.types", "IsolationReport": "sandbox.types", "Limits": "sandbox.types",
     "Mechanism": "sandbox.types", "SandboxClosedError": "sandbox.types",
+    "self_test": "sandbox.selftest", "failures": "sandbox.selftest", "SelfTestCheck": "sandbox.selftest",
+    "SandboxSelfTestFailed": "sandbox.selftest",
 }
 __all__ = ["ISOLATION_LEVELS", "ExecResult", "ExecStatus", "IsolationError", "IsolationReport", "Limits", "Mechanism",
-           "SandboxClosedError", "SandboxPool", "arun", "arun_many", "default_pool", "run", "run_many"]
+           "SandboxClosedError", "SandboxPool", "SandboxSelfTestFailed", "SelfTestCheck", "arun", "arun_many",
+           "default_pool", "failures", "run", "run_many", "self_test"]
 
 
 def __getattr__(name: str):

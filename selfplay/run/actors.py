@@ -74,6 +74,12 @@ class SandboxActor(_Busy):
     def run_many(self, codes: list[str], **kwargs: Any) -> list:
         return self.pool.run_many(codes, **kwargs)
 
+    def self_test(self) -> list:
+        """`sandbox.self_test` on this actor's pool: print, numpy+sympy, a file written and read, a timeout."""
+        from sandbox import self_test
+
+        return self_test(self.pool)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -170,6 +176,17 @@ class RolloutActor(_Busy):
         return os.getpid()
 
 
+def check_sandbox_tool(sandbox: Any) -> None:
+    """Raise `SandboxSelfTestFailed` (one line: the failing checks and their fixes) unless the sandbox actor's
+    pool passes its self-test; the actor is stopped then."""
+    from sandbox import SandboxSelfTestFailed, failures
+
+    message = failures(ray.get(sandbox.self_test.remote()))
+    if message:
+        ray.kill(sandbox, no_restart=True)
+        raise SandboxSelfTestFailed(message)
+
+
 @dataclass
 class Actors:
     sandbox: Any
@@ -212,6 +229,11 @@ class Actors:
 
         sandbox = remote(SandboxActor, None).remote(cfg, rd)
         verifier = remote(VerifierActor, None).remote(cfg, rd)
+        try:
+            check_sandbox_tool(sandbox)  # before any model loads: a run never trains on a broken tool
+        except BaseException:
+            ray.kill(verifier, no_restart=True)
+            raise
         learner = remote(LearnerActor, "learner").remote(cfg, rd)
         rollout = remote(RolloutActor, "rollout").remote(cfg, rd, sandbox)
         actors = cls(sandbox, verifier, learner, rollout, pg)

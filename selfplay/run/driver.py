@@ -19,6 +19,7 @@ import traceback
 import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sandbox.selftest import SandboxSelfTestFailed
 from selfplay.run.actors import Actors, restart_counts
 from selfplay.run.console import ConsoleLogHandler, RunConsole
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
@@ -187,7 +188,7 @@ class Driver:
             _stop(progress)
             console.warn(f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; "
                          f"resume with: selfplay resume {rd.root}")
-        except SandboxUnhealthy as e:  # the run's own verdict, not a bug: one line, no traceback
+        except (SandboxUnhealthy, SandboxSelfTestFailed) as e:  # the run's verdict, not a bug: one line
             status, code = "failed", 1
             _stop(progress)
             console.error(str(e))
