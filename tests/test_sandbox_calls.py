@@ -225,3 +225,24 @@ def test_cpu_quota_per_call():
         assert open(os.path.join(worker.slot.cpu_dir, quota)).read().split()[0] == "20000"
         r = pool.run(INNOCENT)
         assert r.stdout == "42\n"
+
+
+HOSTILE = [
+    CLONE_PARENT.format(sleep=30),
+    SHM_WRITE,
+    "import os\nfor i in range(3):\n    if os.fork() == 0:\n        os.setsid()\n        import time; time.sleep(60)\n",
+    "import os\nn = 0\ntry:\n    while True:\n        os.makedirs(f'/tmp/x{n}/y'); n += 1\nexcept OSError:\n    pass",
+    "import sys; sys.stdout.write('x' * 10_000_000)",
+]
+
+
+def test_a_batch_with_hostile_calls_fails_no_innocent_one():
+    """Issue #10: in a batch of 40 calls with 10 hostile ones, 9 innocent calls failed. Here none may."""
+    codes = [HOSTILE[i % len(HOSTILE)] if i % 4 == 0 else INNOCENT for i in range(40)]
+    with SandboxPool(Limits(timeout_s=5, cpu_time_s=5), workers=2, hang_grace_s=4.0) as pool:
+        results = pool.run_many(codes)
+    innocent = [r for code, r in zip(codes, results) if code == INNOCENT]
+    assert len(innocent) == 30
+    assert [(r.status, r.stdout) for r in innocent] == [(ExecStatus.OK, "42\n")] * 30, \
+        [r.stderr[-300:] for r in innocent if r.status is not ExecStatus.OK]
+    assert not [r for r in results if r.status is ExecStatus.SANDBOX_ERROR]
