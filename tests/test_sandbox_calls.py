@@ -189,7 +189,10 @@ def test_a_template_that_reports_its_own_failure_is_replaced(pool):
     os.kill(pid1, 9)
     time.sleep(0.2)
     broken = pool.run("print(1)")
-    assert broken.status is ExecStatus.SANDBOX_ERROR and "template" in broken.stderr, broken.stderr
+    # The template either reports its failure on the socket ("template: ...") or, when it has already
+    # exited, the pool sees the broken socket ("worker failed"): which one wins is a race, both are loud.
+    assert broken.status is ExecStatus.SANDBOX_ERROR, broken.stderr
+    assert "template" in broken.stderr or "worker failed" in broken.stderr, broken.stderr
     _innocent_ok(pool)
     assert next(iter(pool.template_pids().values())) != template
 
