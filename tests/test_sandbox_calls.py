@@ -249,3 +249,16 @@ def test_a_batch_with_hostile_calls_fails_no_innocent_one():
     assert [(r.status, r.stdout) for r in innocent] == [(ExecStatus.OK, "42\n")] * 30, \
         [r.stderr[-300:] for r in innocent if r.status is not ExecStatus.OK]
     assert not [r for r in results if r.status is ExecStatus.SANDBOX_ERROR]
+
+
+def test_no_host_path_of_the_project_or_venv_inside_a_call(pool):
+    """pid 1 of a call is a fork of the template: its argv carries no configuration, and the venv (and this
+    package) are mounted at neutral paths. (The mountinfo "root" column names bind sources: the kernel's.)"""
+    if not pool.report.mechanisms["bwrap"].active:
+        pytest.skip("no jail on this host")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = pool.run("print(open('/proc/1/cmdline').read()); print(open('/proc/self/mountinfo').read())")
+    cmdline, *mounts = r.stdout.splitlines()
+    assert repo not in cmdline and sys.prefix not in cmdline and "read_paths" not in cmdline, cmdline
+    points = [line.split()[4] for line in mounts if len(line.split()) > 4]
+    assert points and not [p for p in points if p.startswith((repo, sys.prefix))], points
