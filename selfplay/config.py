@@ -117,6 +117,9 @@ class VerifierConfig(Section):
     equivalence_timeout_s: float = Field(2.0, gt=0)
     # No \boxed{}: fall back to "the answer is X", then the last number; False: unboxed = no answer.
     answer_fallbacks: bool = True
+    # Known-answer tasks (from `reference`, by default the generator's training split) mixed into every
+    # iteration's solve-and-vote to measure pseudo-label accuracy; never admitted to the pool, never trained on.
+    probes: int = Field(4, ge=0)
 
     @model_validator(mode="after")
     def _band(self) -> "VerifierConfig":
@@ -215,8 +218,35 @@ class EvalConfig(Section):
     temperature: float | None = Field(None, ge=0)  # None: greedy for samples=1, executor.temperature for k>1
 
 
+# the generated benchmark's categories (selfplay/evaluation/benchmarks.py CATEGORIES; a test keeps them equal)
+GeneratedKind = Literal["arithmetic", "modular", "counting", "algebra", "range_sum", "prime_count"]
+
+
+class ReferenceConfig(Section):
+    """Tasks with known answers: the training tasks of `loop.mode: reference` (RLVR, the control experiment)
+    and the verifier's probes. `generated` is the benchmark generator on a training split (its own seed);
+    else a local JSONL/JSON/Parquet/CSV file or a known benchmark name, read with `selfplay eval`'s field
+    mapping. Questions that are also evaluation items (`eval.benchmark`, and the generated benchmark's
+    default items) are removed, so evaluation stays held out."""
+
+    source: str = "generated"
+    fields: str | None = None  # as `selfplay eval --fields`: "question=problem,answer=solution"
+    split: str | None = None
+    kinds: list[GeneratedKind] = Field(default_factory=list)  # generated: categories (empty = all)
+    levels: list[Literal[1, 2, 3, 4]] = Field(default_factory=list)  # generated: levels (empty = all)
+    seed: int = Field(1, ge=1)  # generated: the training split's seed (seed 0 generates the evaluation items)
+    size: int = Field(5000, ge=1)  # generated: items drawn (small kinds/levels repeat; duplicates are dropped)
+    probe_share: float = Field(0.1, gt=0, lt=1)  # share of the tasks set aside as probes (never trained on)
+
+
 class LoopConfig(Section):
+    # selfplay: proposer + executor co-evolve (Agent0). reference: the proposer is off and the executor trains
+    # on `reference` tasks with verifiable rewards (RLVR) through the same engines, sandbox, replay, learner.
+    mode: Literal["selfplay", "reference"] = "selfplay"
     iterations: int = Field(2, ge=1)
+    # Wall-clock budget: no new iteration starts once this many seconds of iterations (actor start-up
+    # excluded) have passed; the last one is committed with a checkpoint. Compares modes at equal budget.
+    time_budget_s: float | None = Field(None, gt=0)
     proposer_updates: int = Field(1, ge=0)  # GRPO steps per iteration
     executor_updates: int = Field(1, ge=0)
     overlap: bool = False  # roll out iteration t+1 while learning on t (bounded by replay.max_staleness)
@@ -239,6 +269,7 @@ class RunConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
 
 

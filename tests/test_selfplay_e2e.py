@@ -27,7 +27,7 @@ TINY = [
     "proposer.candidates_per_iteration=2", "proposer.group_size=2", "proposer.max_tokens=96",
     "executor.samples_per_task=3", "executor.group_size=2", "executor.tasks_per_iteration=1",
     "executor.max_turns=2", "executor.max_tokens_per_turn=80", "eval.every=0",
-    "verifier.band_low=0.3", "verifier.band_high=0.7", "metrics.trajectories_per_iteration=4",
+    "verifier.band_low=0.3", "verifier.band_high=0.7", "verifier.probes=1", "metrics.trajectories_per_iteration=4",
     "engine.backend=hf",  # starts in 2 s instead of ~60 (vLLM runs through Ray in test_jobs.py)
 ]
 
@@ -72,7 +72,8 @@ def check_run_outputs(rd: RunDir, iterations: int) -> None:
     for it in its:
         keys = {r[0] for r in metrics_rows(rd, f"SELECT key FROM scalars WHERE iteration={it}")}
         for k in ("tasks/proposed", "proposer/parse_rate", "proposer/reward_mean", "pool/size",
-                  "time/total", "time/propose", "faults/actor_restarts"):
+                  "time/total", "time/propose", "faults/actor_restarts", "verifier/probes",
+                  "verifier/label_accuracy", "time/stage/probes"):
             assert k in keys, (it, k, sorted(keys))
         n_tasks = metrics_rows(rd, f"SELECT COUNT(*) FROM tasks WHERE iteration={it}")[0][0]
         proposed = dict(metrics_rows(rd, f"SELECT key, value FROM scalars WHERE iteration={it}"))["tasks/proposed"]

@@ -28,6 +28,10 @@ from selfplay.run.rundir import RunDir
 log = logging.getLogger("selfplay")
 
 
+class ReferenceTasksError(RuntimeError):
+    """The `reference` tasks (reference mode, probes) cannot be loaded; the message says why."""
+
+
 def _setup_logging(console: RunConsole) -> logging.Handler:
     """The `selfplay` logger goes to the run's console (INFO: driver.log only), not to the root logger,
     whose handlers (the libraries') write to stderr, which is logs/libraries.log during a CLI run."""
@@ -127,11 +131,15 @@ class Driver:
         started_ray = False
         actors = None
         status, code = "failed", 1
+        iterate = run_iteration
         try:
             where = f"the cluster at {cfg.ray.address}" if cfg.ray.address else "a local Ray"
             console.print(f"starting {where} and the actors (model {cfg.model.name_or_path}, engine "
                           f"{cfg.engine.backend}); their output: {rd.logs}/<actor>.log"
                           + (", libraries.log" if self.capture_libraries else ""))
+            known = self._known_tasks()
+            if cfg.loop.mode == "reference":
+                from selfplay.run.reference import run_reference_iteration as iterate
             if not ray.is_initialized():
                 quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
                 if cfg.ray.address:
@@ -146,7 +154,8 @@ class Driver:
             versions = ray.get(actors.learner.versions.remote())
             console.print(f"actors ready in {time.perf_counter() - t_start:.0f} s; "
                           f"iterations {done + 1}..{cfg.loop.iterations}")
-            ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop)
+            ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop,
+                          known=known)
             if self.resume:
                 self._republish(ctx)
             if console.interactive:
@@ -159,17 +168,20 @@ class Driver:
                 console.note(f"iteration {current['it']}: {stage}")
 
             ctx.on_stage = on_stage
+            t_loop = time.monotonic()
             for it in range(done + 1, cfg.loop.iterations + 1):
                 current["it"] = it
                 if self._stop:
                     raise StopRequested()
-                result = run_iteration(ctx, it)
+                result = iterate(ctx, it)
                 if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
                     with stage(ctx, it, "evaluate", safe_point=False):
                         result.scalars.update(self._evaluate(ctx, it))
                     # evaluation is a stage of the iteration's wall time too
                     result.scalars["time/stage/eval"] = result.scalars.get("time/eval", 0.0)
                     result.scalars["time/total"] += result.scalars["time/stage/eval"]
+                budget = cfg.loop.time_budget_s
+                last = it == cfg.loop.iterations or (budget is not None and time.monotonic() - t_loop >= budget)
                 restarts = restart_counts(rd)
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
                 # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere
@@ -178,17 +190,21 @@ class Driver:
                     store.log_tasks(it, result.tasks)
                     store.log_trajectories(it, result.trajectories)
                     store.log_scalars(it, result.scalars)
-                    if it % cfg.loop.checkpoint_every == 0 or it == cfg.loop.iterations:
+                    if it % cfg.loop.checkpoint_every == 0 or last:
                         ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
                         rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
                 progress.update(bar, completed=it, stage="")
+                if last and it < cfg.loop.iterations:
+                    rd.event("time_budget_reached", iteration=it, budget_s=budget)
+                    console.print(f"loop.time_budget_s={budget:g} reached after iteration {it}")
+                    break
             status, code = "finished", 0
         except (StopRequested, KeyboardInterrupt):
             status, code = "stopped", 130
             _stop(progress)
             console.warn(f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; "
                          f"resume with: selfplay resume {rd.root}")
-        except (SandboxUnhealthy, SandboxSelfTestFailed) as e:  # the run's verdict, not a bug: one line
+        except (SandboxUnhealthy, SandboxSelfTestFailed, ReferenceTasksError) as e:  # the run's verdict, not a bug: one line
             status, code = "failed", 1
             _stop(progress)
             console.error(str(e))
@@ -219,6 +235,24 @@ class Driver:
                       f"(metrics.sqlite, pool.jsonl, checkpoints/, logs/)")
         for line in next_steps(rd.root, status, done, self.cfg.loop.iterations):
             console.print(line)
+
+    def _known_tasks(self):
+        """Known-answer tasks for reference mode and the verifier's probes, loaded (and checked) before Ray."""
+        cfg = self.cfg
+        if cfg.loop.mode != "reference" and not cfg.verifier.probes:
+            return None
+        from selfplay.evaluation.benchmarks import BenchmarkError
+        from selfplay.evaluation.reference import known_tasks
+
+        try:
+            known = known_tasks(cfg)
+        except BenchmarkError as e:
+            raise ReferenceTasksError(str(e)) from None
+        self.rd.event("known_tasks", source=known.source, train=len(known.train), probes=len(known.probes),
+                      excluded_eval_items=known.excluded, duplicates=known.duplicates)
+        log.info("known-answer tasks from %s: %d training, %d probes (%d evaluation items removed)",
+                 known.source, len(known.train), len(known.probes), known.excluded)
+        return known
 
     def _rollback_replay(self, replay, state: dict, done: int) -> dict:
         """Drop what iterations after the committed one wrote: their trajectories and their consumption."""

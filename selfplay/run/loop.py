@@ -44,6 +44,7 @@ class Context:
     versions: dict[str, int]
     stop_requested: Any = lambda: False  # callable: the driver's signal flag
     on_stage: Any = lambda stage: None  # callable: the driver's progress display
+    known: Any = None  # KnownTasks (selfplay/evaluation/reference.py): reference-mode tasks and the probes
 
 
 class Scalars(dict):
@@ -164,13 +165,16 @@ def admit(ctx: Context, iteration: int, proposals: list, votes: dict) -> tuple[l
     return ctx.pool.add(candidates), reasons
 
 
-def practice(ctx: Context, iteration: int, scalars: dict[str, float]) -> tuple[list[Trajectory], list]:
-    """Step 5: executor groups on pool tasks (this iteration's first), rewarded against the pseudo-labels."""
+def practice(ctx: Context, iteration: int, scalars: dict[str, float],
+             tasks: list[PoolTask] | None = None) -> tuple[list[Trajectory], list]:
+    """Step 5: executor groups on pool tasks (this iteration's first), rewarded against the pseudo-labels;
+    or on the given `tasks` (reference mode: their labels are the true answers)."""
     cfg = ctx.cfg
-    rng = random.Random(_seed(cfg, iteration, 3))
-    fresh = [t for t in ctx.pool.tasks if t.iteration == iteration][: cfg.executor.tasks_per_iteration]
-    older = [t for t in ctx.pool.tasks if t.iteration != iteration]
-    tasks = fresh + rng.sample(older, min(len(older), cfg.executor.tasks_per_iteration - len(fresh)))
+    if tasks is None:
+        rng = random.Random(_seed(cfg, iteration, 3))
+        fresh = [t for t in ctx.pool.tasks if t.iteration == iteration][: cfg.executor.tasks_per_iteration]
+        older = [t for t in ctx.pool.tasks if t.iteration != iteration]
+        tasks = fresh + rng.sample(older, min(len(older), cfg.executor.tasks_per_iteration - len(fresh)))
     if not tasks:
         return [], []
     with timed(scalars, "practice"):
@@ -192,6 +196,7 @@ def practice(ctx: Context, iteration: int, scalars: dict[str, float]) -> tuple[l
         rollouts.append(r)
     answered = [v for v in verdicts if v is not None]
     scalars["executor/accuracy"] = sum(bool(v) for v in verdicts) / len(verdicts)
+    scalars["executor/reward_mean"] = sum(t.reward for t in trajs) / len(trajs)
     scalars["executor/format_rate"] = len(answered) / len(verdicts)
     scalars["executor/tasks"] = float(len(tasks))
     return trajs, rollouts
@@ -246,7 +251,8 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
         proposals = propose(ctx, iteration)
     with stage(ctx, iteration, "solve"):
         rollouts, votes = solve_and_vote(ctx, proposals, s)
-        check_sandbox(ctx, rollouts.values())
+        probe_rollouts = run_probes(ctx, iteration, s)
+        check_sandbox(ctx, list(rollouts.values()) + [probe_rollouts])
     with stage(ctx, iteration, "reward"):
         with timed(s, "reward"):
             rewards = reward_proposals(ctx, proposals, rollouts, votes)
@@ -277,9 +283,15 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
                executor_trajs)
     s["time/tools"] = sum(c.duration_s for g in rollouts.values() for r in g for c in r.tool_calls) + sum(
         c.duration_s for r in practice_rollouts for c in r.tool_calls)
-    # Busy seconds per actor since the last iteration: they overlap each other (and the driver's stages), so
-    # they are reported beside the stage split, never stacked with it. Orchestration = wall time no actor
-    # spent working (Ray calls, serialisation, driver bookkeeping); only meaningful when nothing overlaps.
+    close_timeline(ctx, s, t0)
+    return out
+
+
+def close_timeline(ctx: Context, s: dict[str, float], t0: float) -> None:
+    """Busy seconds per actor since the last iteration: they overlap each other (and the driver's stages), so
+    they are reported beside the stage split, never stacked with it. Orchestration = wall time no actor
+    spent working (Ray calls, serialisation, driver bookkeeping); only meaningful when nothing overlaps."""
+    cfg = ctx.cfg
     a = ctx.actors
     busy = dict(zip(("rollout", "verifier", "learner", "sandbox"),
                     ray.get([x.busy_seconds.remote() for x in (a.rollout, a.verifier, a.learner, a.sandbox)])))
@@ -290,7 +302,33 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
         # the sandbox works inside rollout calls: not added again
         s["time/orchestration"] = max(0.0, s["time/total"] - sum(v for k, v in busy.items() if k != "sandbox"))
         s["time/orchestration_share"] = s["time/orchestration"] / s["time/total"]
-    return out
+
+
+def run_probes(ctx: Context, iteration: int, scalars: dict[str, float]) -> list:
+    """`verifier.probes` known-answer tasks through solve-and-vote like proposed tasks, then the majority
+    label checked against the truth (pseudo-label accuracy, selfplay/evaluation/reference.py). Their cost is
+    `time/stage/probes`; they never reach the pool, the proposer's reward or the replay buffer."""
+    from selfplay.evaluation.reference import ProbeOutcome, label_correct, pick, probe_metrics
+
+    vc = ctx.cfg.verifier
+    if not vc.probes or ctx.known is None or not ctx.known.probes:
+        return []
+    items = pick(ctx.known.probes, vc.probes, _seed(ctx.cfg, iteration, 4))
+    k = ctx.cfg.executor.samples_per_task
+    with timed(scalars, "probes"):
+        groups = ray.get(ctx.actors.rollout.solve.remote([it.question for it in items],
+                                                         [f"probe:{it.id}" for it in items], k))
+        texts = [[r.model_text for r in g] for g in groups]
+        votes, verdicts = ray.get([ctx.actors.verifier.vote_many.remote(texts), ctx.actors.verifier.match_many.remote(
+            [t for g in texts for t in g], [it.answer for it, g in zip(items, texts) for _ in g])])
+    outcomes, i = [], 0
+    for vote, g in zip(votes, groups):
+        correct = verdicts[i: i + len(g)]
+        i += len(g)
+        outcomes.append(ProbeOutcome(vote.p_hat, label_correct(vote.agrees, correct), sum(bool(c) for c in correct),
+                                     len(g)))
+    scalars.update(probe_metrics(outcomes, vc.band_low, vc.band_high))
+    return [r for g in groups for r in g]
 
 
 def finish_timeline(s: dict[str, float], t0: float) -> None:
