@@ -305,6 +305,9 @@ def test_page_renders_every_chart_filters_tasks_and_updates_live(server, runs) -
         assert {name for name, _ in counts} >= {"difficulty-alpha", "difficulty-beta", "skill", "accept", "sandbox",
                                                  "entropy", "kl", "time", "eval", "throughput"}
         assert all(n > 0 for _, n in counts), counts
+        # rates logged with a 95% interval draw it as a band: eval pass@1, and label accuracy beside difficulty
+        assert page.locator('[data-chart="eval"] path.ci-band').count() >= 2  # gsm8k + math500 pass@1, per run
+        expect(page.locator('[data-chart="skill"] path.ci-band[data-label*="label accuracy"]')).not_to_have_count(0)
         # both runs selected: one accepted-rate line per run; deselecting beta leaves one
         assert page.locator('[data-chart="accept"] path.series').count() == 2
         page.click('.chip[data-run="beta"]')

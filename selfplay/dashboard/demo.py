@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from selfplay.config import RunConfig, dump_config
+from selfplay.evaluation.stats import wilson_interval
 from selfplay.telemetry.metrics import MetricsStore, TaskRecord, TrajectoryRecord
 
 TOPICS = ["modular arithmetic", "combinatorics", "geometry", "probability", "number theory", "sequences"]
@@ -106,7 +107,7 @@ def synthetic_iteration(it: int, cfg: RunConfig, rng: random.Random, tasks_per_i
         })
     # disjoint stages as the loop times them (time/stage/*), summing to the iteration's wall time
     stages = {"propose": 20, "solve": 45, "verify": 6, "reward": 1, "learn_proposer": 15, "practice": 30,
-              "learn_executor": 30, "weight_sync": 3, "commit": 2, "other": 2}
+              "learn_executor": 30, "weight_sync": 3, "commit": 2, "probes": 3, "other": 2}
     for stage, base in stages.items():
         scalars[f"time/stage/{stage}"] = base * (1 + 0.1 * rng.random())
     scalars["time/total"] = sum(scalars[f"time/stage/{s}"] for s in stages)
@@ -123,6 +124,18 @@ def synthetic_iteration(it: int, cfg: RunConfig, rng: random.Random, tasks_per_i
         scalars["eval/gsm8k/maj@k"] = min(1.0, scalars["eval/gsm8k/pass@1"] + 0.06)
         scalars["eval/math500/pass@1"] = min(1.0, 0.15 + 0.25 * (1 - math.exp(-it / 15)) + rng.gauss(0, 0.01))
         scalars["eval/gsm8k/tool_calls_mean"] = 1.2 + 0.02 * it + rng.gauss(0, 0.05)
+        for bench, n in (("gsm8k", 1319), ("math500", 500)):  # Wilson 95% intervals, as evaluation logs them
+            rate = scalars[f"eval/{bench}/pass@1"]
+            scalars[f"eval/{bench}/pass@1_ci95_lo"], scalars[f"eval/{bench}/pass@1_ci95_hi"] = wilson_interval(
+                rate * n, n)
+    # known-answer probes (verifier.probes = 8): pseudo-label accuracy climbs with the executor
+    probes = 8
+    right = sum(rng.random() < 0.35 + 0.3 * (1 - math.exp(-it / 12)) for _ in range(probes))
+    scalars["verifier/probes"] = float(probes)
+    scalars["verifier/label_accuracy"] = right / probes
+    scalars["verifier/label_accuracy_ci95_lo"], scalars["verifier/label_accuracy_ci95_hi"] = wilson_interval(
+        right, probes)
+    scalars["verifier/probe_executor_accuracy"] = max(0.0, right / probes - 0.1 * rng.random())
     return scalars, tasks, trajs
 
 

@@ -39,13 +39,21 @@ const lastOf = (s) => { if (!s) return null; for (let i = s.y.length - 1; i >= 0
 
 function showError(msg) { const e = document.getElementById("error"); e.hidden = !msg; e.textContent = msg || ""; }
 
-// The series one chart draws for one run, as {name, x, y}.
+// A series with its 95% interval (`<key>_ci95_lo/_hi`, logged beside rates) as lo/hi aligned to its x.
+function withInterval(scalars, key) {
+  const s = scalars[key], lo = scalars[`${key}_ci95_lo`], hi = scalars[`${key}_ci95_hi`];
+  if (!s || !lo || !hi) return s;
+  const at = (t) => { const m = new Map(t.x.map((x, i) => [x, t.y[i]])); return s.x.map((x) => m.get(x) ?? null); };
+  return { ...s, lo: at(lo), hi: at(hi) };
+}
+
+// The series one chart draws for one run, as {name, x, y} (+ lo/hi where an interval is logged).
 function pick(def, scalars) {
   const out = [], strip = def.keys && def.keys.length > 1 ? commonPrefix(def.keys) : "";
-  if (def.keys) for (const k of def.keys) if (scalars[k]) out.push({ name: k.slice(strip.length), ...scalars[k] });
+  if (def.keys) for (const k of def.keys) if (scalars[k]) out.push({ name: k.slice(strip.length), ...withInterval(scalars, k) });
   if (def.pattern) for (const k of Object.keys(scalars).sort()) {
     const m = k.match(def.pattern);
-    if (m) out.push({ name: m[1], ...scalars[k] });
+    if (m) out.push({ name: m[1], ...withInterval(scalars, k) });
   }
   return out;
 }
@@ -109,6 +117,9 @@ function renderSkill() {
     if (scalars["executor/accuracy"]) series.push({ name: "executor accuracy", color: "#3b6fb6", ...scalars["executor/accuracy"] });
     const evals = Object.keys(scalars).filter((k) => /^eval\/.+\/pass@1$/.test(k)).sort();
     evals.forEach((k, i) => series.push({ name: k.slice(5), color: PALETTE[2 + i * 2 % 8], ...scalars[k] }));
+    // pseudo-label accuracy on known-answer probes (verifier.probes), with its 95% interval
+    if (scalars["verifier/label_accuracy"]) series.push({ name: "label accuracy (probes)", color: "#7c5cb8",
+      ...withInterval(scalars, "verifier/label_accuracy") });
     return { run, series };
   });
   const band = state.data[state.selected[0]]?.difficulty?.band;

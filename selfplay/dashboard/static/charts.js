@@ -167,6 +167,15 @@ export function lineChart(node, series, opts = {}) {
     return d;
   };
   const drawn = live.map((s) => ({ ...s, sy: smooth(s.y, opts.smooth) }));
+  for (const s of drawn) if (s.lo && s.hi) { // 95% interval band (unsmoothed: it belongs to the raw values)
+    const pts = s.x.map((x, i) => [x, s.lo[i], s.hi[i]]).filter((p) => p[1] !== null && p[1] !== undefined && p[2] !== null && p[2] !== undefined);
+    if (!pts.length) continue;
+    const at = (x, y) => `${f.xs(x).toFixed(1)},${f.ys(Math.min(yHi, Math.max(yLo, y))).toFixed(1)}`;
+    const d = pts.map((p, i) => `${i ? "L" : "M"}${at(p[0], p[2])}`).join("")
+      + pts.slice().reverse().map((p) => `L${at(p[0], p[1])}`).join("") + "Z";
+    const band = el("svg:path", { d, class: "ci-band", fill: s.color, stroke: s.color }, plot);
+    band.dataset.label = s.label;
+  }
   for (const s of drawn) {
     if (opts.smooth > 0) el("svg:path", { d: pathOf(s, s.y), class: "raw", stroke: s.color }, plot);
     const path = el("svg:path", { d: pathOf(s, s.sy), class: "series", stroke: s.color, "stroke-dasharray": s.dash || null }, plot);
@@ -178,7 +187,8 @@ export function lineChart(node, series, opts = {}) {
   legend(node, live);
   hover(node, f, xsAll, (x) => drawn.map((s) => {
     const i = s.x.indexOf(x);
-    return { label: s.label, color: s.color, value: i < 0 ? "–" : fmt(s.sy[i], opts.yFmt) };
+    const ci = i >= 0 && s.lo && s.hi && s.lo[i] !== null && s.hi[i] !== null ? ` [${fmt(s.lo[i], opts.yFmt)}, ${fmt(s.hi[i], opts.yFmt)}]` : "";
+    return { label: s.label, color: s.color, value: i < 0 ? "–" : fmt(s.sy[i], opts.yFmt) + ci };
   }), opts.xName);
 }
 

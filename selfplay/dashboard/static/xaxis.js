@@ -32,7 +32,9 @@ export const xAxis = {
     if (m === undefined) return [];
     return series.map((s) => {
       const keep = s.x.map((x, i) => i).filter((i) => m.has(s.x[i]));
-      return { ...s, x: keep.map((i) => m.get(s.x[i])), y: keep.map((i) => s.y[i]) };
+      const out = { ...s, x: keep.map((i) => m.get(s.x[i])), y: keep.map((i) => s.y[i]) };
+      if (s.lo && s.hi) Object.assign(out, { lo: keep.map((i) => s.lo[i]), hi: keep.map((i) => s.hi[i]) });
+      return out;
     });
   },
   fmt() { return KINDS[this.kind].fmt; },
