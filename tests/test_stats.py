@@ -117,3 +117,27 @@ def test_eval_compare_cli_prints_the_paired_difference(tmp_path):
     # without --compare, --model is required
     res = CliRunner().invoke(_app(), ["eval", "--benchmark", "generated"])
     assert res.exit_code == 2 and "--model is required" in res.output
+
+
+def test_agent0_table_cells_intervals_paired_deltas_and_not_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from selfplay.evaluation.table import cell_dir, format_table
+
+    out = tmp_path / "table"
+    for row, right in (("Base", set(range(3))), ("Base w/ tool", set(range(5))), ("+ self-play", set(range(20)))):
+        d = cell_dir(out, row, "gsm8k")
+        _eval_dir(d.parent, d.name, right)
+    text = format_table(out, ["gsm8k", "math500"])
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("|")}
+    assert "0.083 [0.036, 0.181]" in lines["Base w/ tool"]  # 5/60 with its Wilson interval
+    assert lines["Base w/ tool"].endswith("| not run |")  # math500 never evaluated
+    assert "+0.250 [" in lines["Δ + self-play vs Base w/ tool (paired)"]
+    assert lines["reference reward (RLVR)"].count("not run") == 2
+    # the bench script prints the same table without running a model
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(repo / "bench" / "agent0_table.py"), "--out", str(out), "--benchmark",
+                          "gsm8k", "--benchmark", "math500", "--table-only"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == text.strip(), res.stderr
