@@ -148,6 +148,11 @@ def test_console_summary_line_reports_what_was_logged_and_skips_what_was_not() -
     assert "exec acc 0.61" in line and "gsm8k pass@1 0.432" in line
     assert "restarts" not in line and "tok/s" not in line
     assert "3 scalars" in summary_line(0, {"a": 1, "b": 2, "c": float("nan")})
+    assert "labels" not in line
+    # intervals and pseudo-label accuracy when logged
+    line = summary_line(3, {"eval/gen/pass@1": 0.1, "eval/gen/pass@1_ci95_lo": 0.07, "eval/gen/pass@1_ci95_hi": 0.15,
+                            "verifier/label_accuracy": 0.25, "verifier/probes": 4})
+    assert "gen pass@1 0.100 [0.070, 0.150]" in line and "labels 25% of 4 probes" in line
 
 
 def _tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

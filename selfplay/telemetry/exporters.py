@@ -53,7 +53,12 @@ def summary_line(iteration: int, scalars: Mapping[str, float]) -> str:
     parts += [fmt.format(v) for key, fmt in labels if (v := _pick(scalars, key)) is not None]
     for key in sorted(scalars):
         if key.startswith("eval/") and key.endswith("/pass@1") and (v := _pick(scalars, key)) is not None:
-            parts.append(f"{key[5:-7]} pass@1 {v:.3f}")
+            lo, hi = _pick(scalars, f"{key}_ci95_lo"), _pick(scalars, f"{key}_ci95_hi")
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+            parts.append(f"{key[5:-7]} pass@1 {v:.3f}{ci}")
+    labels_right, probes = _pick(scalars, "verifier/label_accuracy"), _pick(scalars, "verifier/probes")
+    if labels_right is not None and probes:  # pseudo-label accuracy on known-answer probes
+        parts.append(f"labels {labels_right:.0%} of {probes:.0f} probes")
     calls, err = _pick(scalars, "sandbox/calls"), _pick(scalars, "sandbox/error_rate")
     if calls:  # sandbox health: a run must never look fine while its tool fails
         failed = round((err or 0.0) * calls)
