@@ -179,6 +179,31 @@ def status(
 
 
 @app.command()
+def plan(
+    config: Annotated[Path, typer.Argument()],
+    overrides: Annotated[Optional[list[str]], typer.Argument()] = None,
+    address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (auto, HEAD:6379); default: this machine")] = None,
+    node: Annotated[Optional[list[str]], typer.Option("--node", help="plan for a described node GPUS:CPUS (repeatable)")] = None,
+) -> None:
+    """Which actor gets which CPUs/GPUs on which node; exits 1, naming the missing resource, if it cannot fit."""
+    from selfplay.run.placement import cluster_nodes, parse_node, plan_report
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if node:
+            nodes = [parse_node(n) for n in node]
+            names = [f"node{i} ({n['GPU']:g} GPU, {n['CPU']:g} CPU)" for i, n in enumerate(nodes)]
+        else:
+            nodes, names = cluster_nodes(address)
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    table, problems = plan_report(cfg, nodes, names)
+    typer.echo(table)
+    if problems:
+        _fail("the cluster cannot hold this run:\n  " + "\n  ".join(problems), code=1)
+
+
+@app.command()
 def submit(
     config: Annotated[Path, typer.Argument()],
     address: AddressOpt,

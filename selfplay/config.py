@@ -43,6 +43,17 @@ class EngineConfig(Section):
     enable_prefix_caching: bool = True
     enable_lora: bool = True  # vLLM: reserve LoRA slots at start (needed for AdapterUpdate); off for full FT
     max_loras: int = Field(2, ge=1)  # vLLM: adapters usable in one batch (one per role)
+    # Rollout fleet (docs/architecture.md, "Scale out"): M engines behind the driver's router; each vLLM
+    # replica spans T GPUs of one node (a placement-group bundle per replica). 1 and 1: one engine, as before.
+    replicas: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _tp(self) -> "EngineConfig":
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} needs backend=vllm "
+                             f"(the hf engine runs on one device)")
+        return self
 
 
 class SandboxConfig(Section):
@@ -177,6 +188,18 @@ class LearnerConfig(Section):
     # run each distinct prompt once per micro-batch and fan its KV cache out to its G samples (exact gradients;
     # needs gradient checkpointing off, ignored when it is on)
     prompt_sharing: bool = True
+    # Data-parallel learner ranks (selfplay/learner/distributed.py): N actors in one torch.distributed group
+    # (NCCL on GPU, gloo on CPU), each training a token-balanced share of the groups; loss normalisation is
+    # global, so N ranks make the update one process makes on the whole batch. ddp: replicated base, trainable
+    # gradients all-reduced (LoRA); fsdp2: fully_shard per decoder layer (full fine-tuning, big bases).
+    world_size: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+
+    @model_validator(mode="after")
+    def _strategy(self) -> "LearnerConfig":
+        if self.strategy == "fsdp2":  # named in the schema so configs can say it; refused until it is built
+            raise ValueError("strategy=fsdp2 is not built yet (ddp is: docs/learner.md, 'Data-parallel ranks')")
+        return self
 
 
 class ReplayConfig(Section):
@@ -271,6 +294,14 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+
+    @model_validator(mode="after")
+    def _scale_out(self) -> "RunConfig":
+        tp, gpus = self.engine.tensor_parallel_size, self.ray.gpus.get("rollout")
+        if tp > 1 and gpus is not None and gpus != tp:
+            raise ValueError(f"ray.gpus.rollout={gpus:g} (GPUs per replica) must equal "
+                             f"engine.tensor_parallel_size={tp}")
+        return self
 
 
 def _fields_at(path: tuple) -> list[str]:

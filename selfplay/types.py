@@ -56,6 +56,8 @@ class AdapterUpdate:
     name: str  # adapter name == role
     path: str  # directory with adapter_config.json + adapter_model.safetensors
     version: int
+    # the directory's files, when the update must reach engines on nodes that cannot read `path`
+    files: dict[str, bytes] | None = None
 
 
 @dataclass

@@ -45,7 +45,7 @@ def test_split_placement_puts_learner_and_rollout_in_their_bundles(tmp_path):
         pg = actors.placement_group
         assert pg is not None
         assert ray.available_resources().get("CPU", 0) == 0  # both bundles hold their CPU
-        for actor in (actors.learner, actors.rollout):
+        for actor in (actors.learner, actors.rollout.handles[0]):
             pg_id, bundles = _placement(actor)
             assert pg_id == pg.id.hex() and bundles == 2
         for actor in (actors.sandbox, actors.verifier):  # not placed: they need no reserved resources

@@ -79,6 +79,10 @@ class VLLMEngine:
                 f"(CUDA), never both ({e})"
             ) from None
         lora = dict(enable_lora=True, max_lora_rank=engine_cfg.max_lora_rank, max_loras=engine_cfg.max_loras)
+        # tensor parallelism: the replica's actor holds T GPUs of one node (its placement bundle); vLLM's
+        # multiprocessing executor spreads the model over exactly those (CUDA_VISIBLE_DEVICES set by Ray)
+        tp = engine_cfg.tensor_parallel_size
+        parallel = dict(tensor_parallel_size=tp, distributed_executor_backend="mp") if tp > 1 else {}
         self.llm = LLM(
             model=self.path,
             tokenizer=self.path,
@@ -94,6 +98,7 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WeightSync",
             disable_log_stats=True,
             **(lora if engine_cfg.enable_lora else {}),
+            **parallel,
         )
         self._loras: dict[str, tuple[object, int]] = {}  # name -> (LoRARequest, version)
         self._lora_ids = itertools.count(1)  # vLLM keys its adapter cache by this int: new id per version

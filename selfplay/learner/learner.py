@@ -97,6 +97,7 @@ class Learner:
         self.step = 0
         self.policy_version: dict[str, int] = {role: 0 for role in self.roles}
         self.last_advantages: dict[str, float] = {}  # traj_id -> advantage used by the last train_step
+        self.dist = None  # a distributed.GradSync when this learner is one of several data-parallel ranks
 
     # ------------------------------------------------------------------------------------------ setup
     def _make_optimizer(self, params: list[Tensor]):
@@ -215,6 +216,8 @@ class Learner:
         opt, sched = self._optim[key]
         totals = dict(total_tokens=float(n_tokens), total_seqs=float(len(trajs)),
                       max_len=cfg.loss_norm_len or max(len(t.completion_ids) for t in trajs))
+        if self.dist is not None:  # data-parallel ranks: normalise by the whole batch (learner/distributed.py)
+            totals = self.dist.totals(totals)
         acc = _MetricMean()
         losses, grad_norms, lr = [], [], sched.get_last_lr()[0]
         for epoch in range(cfg.ppo_epochs):
@@ -239,6 +242,8 @@ class Learner:
                 if ent is not None:
                     acc.add({"entropy": float((ent * mb.mask).sum() / mb.mask.sum().clamp(min=1))},
                             float(mb.mask.sum()))
+            if self.dist is not None:  # the full batch's gradient on every rank, before the clip
+                self.dist.all_reduce_grads(self._params[key])
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self._params[key], cfg.max_grad_norm)))
             opt.step()
             sched.step()

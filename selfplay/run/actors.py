@@ -13,12 +13,14 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from selfplay.config import RunConfig
 from selfplay.run.console import redirect_output
+from selfplay.run.placement import actor_name
 from selfplay.run.rundir import RunDir
 
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
@@ -46,16 +48,58 @@ class _Busy:
         self._busy = {}
         return total
 
+    def probe(self, root: str, name: str) -> tuple[str, str | None]:
+        """Write `root/probes/<name>` for the driver to read back: (this node's address, error or None)."""
+        node = ray.util.get_node_ip_address()
+        try:
+            (Path(root) / "probes").mkdir(exist_ok=True)
+            (Path(root) / "probes" / name).write_text(node)
+        except OSError as e:
+            return node, f"{type(e).__name__}: {e}"
+        return node, None
+
+
+class RunDirNotShared(RuntimeError):
+    """An actor's node cannot see the run directory the driver uses."""
+
+
+def check_run_dir(handles: dict[str, Any], rd: RunDir) -> None:
+    """Every actor writes a probe file into the run directory and the driver reads each back: on a cluster
+    without shared storage this fails at start, naming the node, instead of losing checkpoints later."""
+    import uuid
+
+    token = uuid.uuid4().hex[:8]
+    answers = dict(zip(handles, ray.get([h.probe.remote(str(rd.root), f"{n}.{token}") for n, h in handles.items()])))
+    for name, (node, error) in answers.items():
+        f = rd.root / "probes" / f"{name}.{token}"
+        if error or not f.exists():
+            why = error or "its probe file does not reach the driver's copy"
+            raise RunDirNotShared(f"actor {name} on node {node} cannot use run_dir {rd.root} ({why}): put run_dir on "
+                                  f"storage every node mounts (driver node: {ray.util.get_node_ip_address()})")
+        f.unlink()
+
 
 def _own_log(rd: RunDir, name: str) -> None:
     """Inside an actor process: its stdout/stderr (and its children's: vLLM's engine core, C++ libraries)
     go to <run_dir>/logs/<name>.log instead of Ray's session directory or the driver's console."""
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
-        redirect_output(rd.logs / f"{name}.log")
+        try:
+            redirect_output(rd.logs / f"{name}.log")
+        except OSError:  # this node cannot see the run directory: the driver's probe (check_run_dir) says so
+            pass
 
 
 def _started(rd: RunDir, name: str) -> None:
-    rd.event("actor_start", actor=name, pid=os.getpid(), node=ray.util.get_node_ip_address())
+    try:
+        rd.event("actor_start", actor=name, pid=os.getpid(), node=ray.util.get_node_ip_address())
+    except OSError:  # this node cannot see the run directory: the driver's probe (check_run_dir) says so
+        pass
+
+
+def ship_adapter_files(cfg: RunConfig) -> bool:
+    """Adapters travel as bytes through Ray's object store when rollouts may run on other nodes (split
+    placement) or on several replicas; colocated single-replica runs load the learner's directory as before."""
+    return not cfg.ray.colocate or cfg.engine.replicas > 1
 
 
 def _threads(cfg: RunConfig) -> int:
@@ -107,18 +151,19 @@ class VerifierActor(_Busy):
 
 
 class LearnerActor(_Busy):
-    def __init__(self, cfg: RunConfig, rd: RunDir):
-        _own_log(rd, "learner")
+    def __init__(self, cfg: RunConfig, rd: RunDir, name: str = "learner"):
+        _own_log(rd, name)
         import torch
 
         from selfplay.learner.learner import Learner
 
         torch.set_num_threads(_threads(cfg))
+        self.ship_files = ship_adapter_files(cfg)
         self.learner = Learner(cfg.model, cfg.learner, seed=cfg.seed)
         ckpt = rd.state().get("checkpoint")
         if ckpt:  # a restart, or a resumed run: continue from the last committed iteration
             self.learner.load_checkpoint(ckpt)
-        _started(rd, "learner")
+        _started(rd, name)
 
     @busy
     def train_step(self, role: str, trajectories: list, weights: list[float] | None = None,
@@ -127,9 +172,42 @@ class LearnerActor(_Busy):
         metrics = self.learner.train_step(role, trajectories, weights, keep_advantage=keep_advantage)
         return metrics, dict(self.learner.last_advantages)
 
+    # ---------------------------------------------------------------- data-parallel ranks (run/ranks.py)
+    def rendezvous(self) -> tuple[str, int]:
+        from selfplay.learner.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, rank: int, world_size: int, address: str, port: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from selfplay.learner.distributed import init_group
+
+        self.learner.dist = init_group(rank, world_size, address, port)
+        with torch.no_grad():
+            for params in self.learner._params.values():
+                for p in params:
+                    dist.broadcast(p.data, src=0)
+
+    @busy
+    def train_shard(self, role: str, trajectories: list, weights: list[float] | None,
+                    keep_advantage: list[bool] | None, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+        """This rank's share of a step; with nothing to train, it still takes part in the collectives."""
+        if not any(m for t in trajectories for m in t.loss_mask):
+            self.learner.dist.idle_steps(self.learner, role, steps)
+            return {}, {}
+        metrics = self.learner.train_step(role, trajectories, weights, keep_advantage=keep_advantage)
+        return metrics, dict(self.learner.last_advantages)
+
     @busy
     def export(self, role: str, out_dir: str):
-        return self.learner.export(role, out_dir)
+        update = self.learner.export(role, out_dir)
+        if self.ship_files and hasattr(update, "path"):  # replicas on other nodes read it from the object store
+            from pathlib import Path
+
+            update.files = {f.name: f.read_bytes() for f in Path(update.path).iterdir() if f.is_file()}
+        return update
 
     def save_checkpoint(self, root: str) -> str:
         return str(self.learner.save_checkpoint(root))
@@ -141,9 +219,31 @@ class LearnerActor(_Busy):
         return os.getpid()
 
 
+def _local_adapter(update: Any) -> Any:
+    """An adapter that travelled through Ray's object store (`files`) is written to this node's disk and
+    loaded from there: a replica on another node never needs the learner's path."""
+    from selfplay.types import AdapterUpdate
+
+    if not isinstance(update, AdapterUpdate) or not update.files:
+        return update
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.gettempdir()) / f"selfplay-adapters-{os.getpid()}" / f"{update.name}-v{update.version:06d}"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in update.files.items():
+        (root / name).write_bytes(data)
+    for old in root.parent.glob(f"{update.name}-v*"):  # keep this version and the one before it
+        if old.name < f"{update.name}-v{update.version - 1:06d}":
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    return AdapterUpdate(update.name, str(root), update.version)
+
+
 class RolloutActor(_Busy):
-    def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any):
-        _own_log(rd, "rollout")
+    def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any, name: str = "rollout"):
+        _own_log(rd, name)
         from selfplay.rollout.worker import RolloutWorker
 
         def run_many(codes: list[str], **kwargs: Any) -> list:
@@ -155,7 +255,7 @@ class RolloutActor(_Busy):
         adapters = [AdapterUpdate(role, info["path"], info["version"])
                     for role, info in published_adapters(rd.adapters).items()]
         self.worker = RolloutWorker(cfg, run_many, initial_adapters=adapters, threads=_threads(cfg))
-        _started(rd, "rollout")
+        _started(rd, name)
 
     @busy
     def propose(self, count: int, pool_questions: list[str], seed: int) -> list:
@@ -167,7 +267,10 @@ class RolloutActor(_Busy):
 
     @busy
     def update_weights(self, update: Any) -> dict[str, int]:
-        return self.worker.update_weights(update)
+        return self.worker.update_weights(_local_adapter(update))
+
+    def versions(self) -> dict[str, int]:
+        return self.worker.versions()
 
     def evaluate(self, iteration: int, out_dir: str) -> dict[str, float]:
         return self.worker.evaluate(iteration, out_dir)
@@ -192,39 +295,41 @@ class Actors:
     sandbox: Any
     verifier: Any
     learner: Any
-    rollout: Any
+    rollout: Any  # the RolloutFleet (selfplay/run/fleet.py): one replica or many behind the router
     placement_group: Any = None
 
     @classmethod
     def start(cls, cfg: RunConfig, rd: RunDir) -> "Actors":
-        """Create the actors. Colocated (debug, one GPU): all share the node, fractional GPUs from
-        `ray.gpus`. Split (cluster): a placement group with one bundle for the learner and one for rollouts."""
+        """Create the actors where selfplay/run/placement.py says: colocated (debug, one GPU) or one
+        placement-group bundle per learner rank and rollout replica (cluster)."""
         import torch
 
-        gpus = dict(cfg.ray.gpus)
-        if not gpus and cfg.ray.colocate and torch.cuda.is_available():
-            gpus = {"learner": 0.5, "rollout": 0.5}  # one GPU shared by training and generation
+        from selfplay.run.fleet import RolloutFleet
+        from selfplay.run.placement import bundles, plan
+
+        slots = plan(cfg, cuda=torch.cuda.is_available())
         retry = dict(max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
-        pg, sched = None, {}
+        pg = None
         if not cfg.ray.colocate:
             from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            pg = placement_group([{"CPU": 1, "GPU": gpus.get("learner", 0)},
-                                  {"CPU": 1, "GPU": gpus.get("rollout", 0)}], strategy="PACK")
+            pg = placement_group(bundles(slots), strategy="PACK")
             ray.get(pg.ready())
-            sched = {role: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-                     for i, role in enumerate(("learner", "rollout"))}
+        by_name = {s.actor: s for s in slots}
 
         # Spinning OpenMP threads make torch ~13x slower when two actors share a CPU (docs/bench-rollout.md).
         env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
 
-        def remote(klass: type, role: str | None, **opts: Any):
+        def remote(klass: type, slot: str | None, **opts: Any):
             opts = {"num_cpus": 0, **retry, **env, **opts}
-            if role:
-                opts["num_gpus"] = gpus.get(role, 0)
-                if role in sched:
-                    opts["scheduling_strategy"] = sched[role]
+            if slot:
+                s = by_name[slot]
+                opts["num_gpus"] = s.gpus
+                if s.bundle is not None:
+                    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                    opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=s.bundle)
             return ray.remote(klass).options(**opts)
 
         sandbox = remote(SandboxActor, None).remote(cfg, rd)
@@ -234,14 +339,39 @@ class Actors:
         except BaseException:
             ray.kill(verifier, no_restart=True)
             raise
-        learner = remote(LearnerActor, "learner").remote(cfg, rd)
-        rollout = remote(RolloutActor, "rollout").remote(cfg, rd, sandbox)
-        actors = cls(sandbox, verifier, learner, rollout, pg)
-        ray.get([a.pid.remote() for a in (sandbox, verifier, learner, rollout)])  # surface start-up errors now
+        n = cfg.learner.world_size
+        if n == 1:
+            learner = remote(LearnerActor, "learner").remote(cfg, rd)
+        else:
+            from selfplay.run.ranks import LearnerGroup
+
+            names = [actor_name("learner", i, n) for i in range(n)]
+            learner = LearnerGroup.form([remote(LearnerActor, nm).remote(cfg, rd, nm) for nm in names],
+                                        cfg.learner.ppo_epochs)
+        m = cfg.engine.replicas
+        # several replicas: a call on a dead one fails at once and the fleet re-sends it to the others
+        extra = {} if m == 1 else {"max_task_retries": 0}
+
+        def make_replica(i: int):
+            name = actor_name("rollout", i, m)
+            return remote(RolloutActor, name, **extra).remote(cfg, rd, sandbox, name)
+
+        fleet = RolloutFleet(make_replica, m, group_size=cfg.proposer.group_size,
+                             on_event=lambda kind, **f: rd.event(kind, **f))
+        actors = cls(sandbox, verifier, learner, fleet, pg)
+        ranks = learner.ranks if n > 1 else [learner]
+        every = {"sandbox": sandbox, "verifier": verifier,
+                 **{actor_name("learner", i, n): h for i, h in enumerate(ranks)},
+                 **{actor_name("rollout", i, m): h for i, h in enumerate(fleet.handles)}}
+        ray.get([h.pid.remote() for h in every.values()])  # surface start-up errors now
+        check_run_dir(every, rd)
         return actors
 
     def stop(self) -> None:
-        for a in (self.rollout, self.learner, self.verifier, self.sandbox):
+        self.rollout.kill()
+        if hasattr(self.learner, "kill"):
+            self.learner.kill()
+        for a in (self.learner, self.verifier, self.sandbox):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone

@@ -297,6 +297,7 @@ def close_timeline(ctx: Context, s: dict[str, float], t0: float) -> None:
                     ray.get([x.busy_seconds.remote() for x in (a.rollout, a.verifier, a.learner, a.sandbox)])))
     for name, sec in busy.items():
         s[f"time/busy/{name}"] = sec
+    s.update(getattr(a.rollout, "scalars", dict)())  # rollout/* fleet health (several replicas only)
     finish_timeline(s, t0)
     if not cfg.loop.overlap:
         # the sandbox works inside rollout calls: not added again

@@ -1,0 +1,72 @@
+"""The learner ranks as one handle: `learner.world_size` LearnerActors in a torch.distributed group
+(selfplay/learner/distributed.py has the math), driven like the single learner actor.
+
+`LearnerGroup` keeps the actor-call shape (`group.train_step.remote(...)` returns one ObjectRef), so the
+loop overlaps learning with rollouts exactly as with one learner: the batch is split into token-balanced
+shares of whole groups, each rank trains its share, and a zero-CPU Ray task merges the ranks' metrics and
+advantages into the reference the caller waits on. Weights are identical on every rank after a step, so
+export, checkpoints and versions come from rank 0; at start every rank loads the run's last committed
+checkpoint (a resume restores every rank) and rank 0's trainable weights are broadcast once.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ray
+
+from selfplay.learner.distributed import merge_metrics, shard_groups
+
+
+@ray.remote(num_cpus=0)
+def _merge(*results: tuple[dict, dict]) -> tuple[dict, dict]:
+    advantages: dict[str, float] = {}
+    for _, adv in results:
+        advantages.update(adv)
+    return merge_metrics([m for m, _ in results]), advantages
+
+
+@ray.remote(num_cpus=0)
+def _max(*values: float) -> float:
+    return max(values)
+
+
+class _Call:
+    def __init__(self, fn: Callable[..., Any]):
+        self.remote = fn
+
+
+class LearnerGroup:
+    def __init__(self, ranks: list[Any], ppo_epochs: int = 1):
+        self.ranks = ranks
+        self.ppo_epochs = ppo_epochs
+        lead = ranks[0]
+        self.train_step = _Call(self._train_step)
+        self.export = _Call(lambda role, out_dir: lead.export.remote(role, out_dir))
+        self.save_checkpoint = _Call(lambda root: lead.save_checkpoint.remote(root))
+        self.versions = _Call(lambda: lead.versions.remote())
+        self.pid = _Call(lambda: lead.pid.remote())
+        self.busy_seconds = _Call(lambda: _max.remote(*[r.busy_seconds.remote() for r in ranks]))
+
+    @classmethod
+    def form(cls, ranks: list[Any], ppo_epochs: int = 1) -> "LearnerGroup":
+        """Rendezvous at rank 0's node, every rank joins, rank 0's trainable weights reach all."""
+        address, port = ray.get(ranks[0].rendezvous.remote())
+        ray.get([r.join.remote(i, len(ranks), address, port) for i, r in enumerate(ranks)])
+        return cls(ranks, ppo_epochs)
+
+    def _train_step(self, role: str, trajectories: list, weights: list[float] | None = None,
+                    keep_advantage: list[bool] | None = None):
+        shards = shard_groups(trajectories, len(self.ranks))
+        refs = []
+        for rank, ix in zip(self.ranks, shards):
+            refs.append(rank.train_shard.remote(
+                role, [trajectories[i] for i in ix], None if weights is None else [weights[i] for i in ix],
+                None if keep_advantage is None else [keep_advantage[i] for i in ix], self.ppo_epochs))
+        return _merge.remote(*refs)
+
+    def kill(self) -> None:
+        for r in self.ranks:
+            try:
+                ray.kill(r, no_restart=True)
+            except Exception:  # already gone
+                pass

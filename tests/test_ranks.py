@@ -1,0 +1,127 @@
+"""Data-parallel learner ranks on a real local Ray with gloo (selfplay/learner/distributed.py,
+selfplay/run/ranks.py): two ranks make the update one process makes on the whole batch (fp32, 1e-5),
+including a rank with nothing to train; shards are whole groups balanced by tokens; metrics merge."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from selfplay.learner.distributed import merge_metrics, shard_groups
+from selfplay.types import Trajectory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def batch(seed: int, groups: int, per_group: int = 3, vocab: int = 4000) -> list[Trajectory]:
+    rng = random.Random(seed)
+    out = []
+    for g in range(groups):
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randrange(4, 12))]
+        for k in range(per_group):
+            n = rng.randrange(3, 20)
+            mask = [1] * n
+            if k == 1 and n > 6:
+                mask[2:5] = [0, 0, 0]  # tool output: not trained
+            out.append(Trajectory(role="executor", task_id=f"t{g}", group_id=f"{seed}:g{g}", prompt_ids=prompt,
+                                  completion_ids=[rng.randrange(10, vocab) for _ in range(n)], loss_mask=mask,
+                                  behaviour_logprobs=[0.0] * n, reward=float(rng.random()),
+                                  meta={"temperature": 0.7}))
+    return out
+
+
+def test_shards_are_whole_groups_balanced_by_tokens():
+    trajs = batch(0, groups=7)
+    shards = shard_groups(trajs, 3)
+    assert sorted(i for s in shards for i in s) == list(range(len(trajs)))
+    for s in shards:  # no group is split between ranks
+        groups = {trajs[i].group_id for i in s}
+        assert all(trajs[i].group_id in groups for i in s)
+        assert len(s) == sum(1 for t in trajs if t.group_id in groups)
+    cost = [sum(len(trajs[i].prompt_ids) + len(trajs[i].completion_ids) for i in s) for s in shards]
+    biggest = max(sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajs if t.group_id == g)
+                  for g in {t.group_id for t in trajs})
+    assert max(cost) - min(cost) <= biggest  # LPT: within one group of balanced
+    assert shard_groups(trajs[:3], 2)[1] == []  # one group, two ranks: one rank idles
+
+
+def test_merge_metrics_sums_counts_and_weights_means_by_tokens():
+    m = merge_metrics([{"loss": 1.0, "tokens": 10.0, "kl": 0.1, "ratio_max": 1.2, "grad_norm": 3.0, "time_s": 2.0},
+                       {"loss": 0.5, "tokens": 30.0, "kl": 0.5, "ratio_max": 1.5, "grad_norm": 3.0, "time_s": 1.0},
+                       {}])
+    assert m["loss"] == 1.5 and m["tokens"] == 40.0 and m["ratio_max"] == 1.5 and m["grad_norm"] == 3.0
+    assert m["kl"] == pytest.approx((0.1 * 10 + 0.5 * 30) / 40) and m["time_s"] == 2.0 and m["ranks"] == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random-weight 2-layer Llama with the embedded model's tokenizer: fast, and fp32 on CPU."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from selfplay.models import resolve_model_path
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _adapter(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("groups", [5, 1])  # 1 group on 2 ranks: rank 1 idles through the collectives
+def test_two_ranks_make_the_single_process_update(tiny_model, tmp_path, groups):
+    import ray
+    import torch
+
+    from selfplay.config import load_config
+    from selfplay.learner.learner import Learner
+    from selfplay.run.actors import LearnerActor
+    from selfplay.run.ranks import LearnerGroup
+    from selfplay.run.rundir import RunDir
+
+    overrides = [f"model.name_or_path={tiny_model}", "model.dtype=float32", "learner.world_size=2",
+                 "learner.lr=1e-2", "learner.kl_coef=0.05", "learner.micro_batch_tokens=64",
+                 "learner.lora.r=4", "learner.lora.alpha=8", "learner.adpo=false", "learner.max_grad_norm=0.5",
+                 f"run_dir={tmp_path / 'run'}"]
+    cfg = load_config(None, overrides)
+    rd = RunDir.create(cfg)
+    steps = [batch(1, groups), batch(2, groups)]
+
+    single = Learner(cfg.model, cfg.learner, seed=cfg.seed)
+    torch.set_num_threads(1)
+    single_metrics = [single.train_step("executor", b) for b in steps]
+    single.export("executor", tmp_path / "single")
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ranks = [ray.remote(LearnerActor).options(num_cpus=0).remote(cfg, rd, f"learner-{i}") for i in range(2)]
+        group = LearnerGroup.form(ranks, cfg.learner.ppo_epochs)
+        for b, ref_metrics in zip(steps, single_metrics):
+            metrics, adv = ray.get(group.train_step.remote("executor", b))
+            assert set(adv) == {t.traj_id for t in b}
+            assert metrics["tokens"] == ref_metrics["tokens"]
+            assert metrics["loss"] == pytest.approx(ref_metrics["loss"], abs=1e-5)
+            assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-5)
+        ray.get(group.export.remote("executor", str(tmp_path / "rank0")))
+        ray.get(ranks[1].export.remote("executor", str(tmp_path / "rank1")))
+        assert ray.get(group.versions.remote()) == single.policy_version
+    finally:
+        ray.shutdown()
+    want, got, other = (_adapter(tmp_path / d) for d in ("single", "rank0", "rank1"))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=0), (k, (got[k] - want[k]).abs().max())
+        assert torch.equal(got[k], other[k])  # the ranks stay identical
+    assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)  # peft starts lora_B at 0: it moved
