@@ -45,3 +45,23 @@ def test_doctor_exits_non_zero_when_an_end_to_end_check_fails(capsys):
     assert "FAILED: print" in out.err
     assert doctor.main([]) == 0
 
+
+
+@pytest.mark.slow
+def test_a_run_with_a_broken_tool_fails_before_any_model_loads(tmp_path):
+    """`selfplay run` with a sandbox no call can succeed in: exit 1 with one line naming the failed checks and
+    the fix, and the learner and rollout actors (the ones that load models) never start."""
+    from test_selfplay_e2e import DEBUG, TINY, finish, selfplay
+
+    from selfplay.run.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY, "loop.iterations=1", "sandbox.timeout_s=0.0001")
+    out = finish(proc, timeout=600)
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error: sandbox self-test failed: print:")]
+    assert len(errors) == 1 and "fix: raise sandbox.timeout_s" in errors[0], out
+    assert not [line for line in out.splitlines() if line.startswith("Traceback")], out
+    started = {e["actor"] for e in rd.read_events() if e.get("event") == "actor_start"}
+    assert "learner" not in started and "rollout" not in started, started
+    assert rd.state()["status"] == "failed"
