@@ -512,8 +512,25 @@ def test_pool_inside_a_ray_actor():
         ray.shutdown()
 
 
-def test_sandbox_dies_with_the_pool_process():
+def test_sandbox_dies_with_the_pool_process(monkeypatch):
     """SIGKILL the process that owns a pool: every launcher, jail, template and snippet goes with it."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    # A private temp dir (world-traversable like /tmp: the jail's uid reads below it): any other pool on the
+    # machine would otherwise clean the dead owner's dir before this test looks for it.
+    tmp_path = tempfile.mkdtemp(prefix="selfplay-test-tmp-")
+    os.chmod(tmp_path, 0o1777)
+    monkeypatch.setenv("TMPDIR", tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", tmp_path)
+    try:
+        _dies_with_the_pool_process(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _dies_with_the_pool_process(tmp_path: str) -> None:
     import subprocess
 
     script = ("import sys, time\nfrom sandbox import SandboxPool\np = SandboxPool(workers=1)\n"
@@ -535,9 +552,8 @@ def test_sandbox_dies_with_the_pool_process():
     assert alive == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:60] for p in alive]
     # No close() ran: its work dir (and cgroups) stay until the next pool notices the owner is dead.
     import glob
-    import tempfile
 
-    left = glob.glob(os.path.join(tempfile.gettempdir(), f"selfplay-sandbox-{owner.pid}-*"))
+    left = glob.glob(os.path.join(tmp_path, f"selfplay-sandbox-{owner.pid}-*"))
     assert left
     with SandboxPool(Limits(preimport=("math",)), workers=1):
         assert not any(os.path.exists(d) for d in left)
