@@ -6,8 +6,17 @@ turn appends the sampled tokens plus a fixed tool observation and continues from
 sequence (where vLLM's prefix cache should pay off; the hf backend re-prefills the whole history).
 The naive baseline is one `model.generate` call per prompt (per turn), the way a first script would.
 
+A third workload, `--schedules`, compares the executor's two multi-turn schedules on vLLM with real tool
+calls in the real sandbox: round-based (every conversation waits at each turn for the slowest generation and
+the slowest tool call) against per-conversation (engine -> sandbox -> engine on its own, tool calls
+overlapping generation; roles/conversations.py). Every first turn opens a python block, so every
+conversation calls the tool; each call sleeps in the sandbox for a latency drawn from a fixed mix (most
+calls fast, some taking seconds, like tests, web requests or solvers). Both schedules sample the same
+tokens from the same seeds, so their throughput ratio is their wall-time ratio.
+
     .venv/bin/python bench/rollout.py                     # hf and vllm, batches 1 8 32 64
     .venv/bin/python bench/rollout.py --backends hf --batch-sizes 1 8 --max-tokens 32
+    .venv/bin/python bench/rollout.py --schedules --repeats 3   # round-based vs per-conversation only
 """
 from __future__ import annotations
 
@@ -80,6 +89,79 @@ def engine_multi_turn(engine, prompts, turns, max_tokens, temperature) -> tuple[
     return tokens, time.perf_counter() - start
 
 
+# Tool latency mix, seconds (a call's latency is picked by a hash of its code, the same on both schedules):
+# 60% fast (50 ms), 20% 0.5 s, 10% 2 s, 10% 4 s; Agent0's sandbox allows 10 s per call.
+LATENCIES = [0.05] * 6 + [0.5] * 2 + [2.0, 4.0]
+SCHEDULE_QUESTIONS = [f"Compute {a} * {b} + {c} with Python, then give the result in \\boxed{{}}."
+                      for a, b, c in zip(range(12, 60, 3), range(31, 90, 4), range(5, 50, 3))]
+
+
+def slow_tool(pool):
+    """The real sandbox, each program preceded by a sleep from LATENCIES (a tool that takes time)."""
+    import hashlib
+
+    def run_many(codes, **kwargs):
+        delays = [LATENCIES[int(hashlib.sha1(c.encode()).hexdigest(), 16) % len(LATENCIES)] for c in codes]
+        return pool.run_many([f"import time\ntime.sleep({d})\n{c}" for d, c in zip(delays, codes)], **kwargs)
+
+    return run_many
+
+
+def schedules(args) -> dict[str, list[float]]:
+    """Generated (model-written) tokens per second of each schedule, `args.repeats` alternating runs each."""
+    from roles.executor import Executor
+    from sandbox import Limits, SandboxPool
+    from selfplay.config import ExecutorConfig
+    from selfplay.engines import make_engine
+
+    engine = make_engine(ModelConfig(max_model_len=2048),
+                         EngineConfig(backend="vllm", max_batch_size=64, kv_cache_space_gib=2.0), seed=0)
+    questions = SCHEDULE_QUESTIONS[: args.tasks]
+    rates: dict[str, list[float]] = {"rounds": [], "conversations": []}
+    with SandboxPool(Limits(timeout_s=10, cpu_time_s=10), workers=args.tool_workers) as pool:
+        tool = slow_tool(pool)
+        for rep in range(args.repeats + 1):  # the first pair warms the engine and the sandbox up
+            for schedule in ("rounds", "conversations") if rep % 2 == 0 else ("conversations", "rounds"):
+                cfg = ExecutorConfig(samples_per_task=args.samples, max_turns=args.turns, temperature=0.8,
+                                     max_tokens_per_turn=args.max_tokens, schedule=schedule)
+                executor = Executor(engine, tool, cfg, max_model_len=2048, tool_timeout_s=10)
+                start = time.perf_counter()
+                groups = executor.rollout(questions, prefill="```python\n", seed=1000 + rep)
+                sec = time.perf_counter() - start
+                rs = [r for g in groups for r in g]
+                tokens = sum(sum(r.loss_mask) for r in rs)
+                calls = sum(r.n_tool_calls for r in rs)
+                print(f"{schedule:>13} rep {rep}: {tokens} tokens, {calls} tool calls, {sec:.1f} s = "
+                      f"{tokens / sec:.1f} tok/s", flush=True)
+                if rep:
+                    rates[schedule].append(tokens / sec)
+    engine.close()
+    return rates
+
+
+def ci95(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval."""
+    import statistics
+
+    t = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, float("nan")
+    return m, t.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
+
+
+def report_schedules(args, rates: dict[str, list[float]]) -> None:
+    (r, r_ci), (c, c_ci) = ci95(rates["rounds"]), ci95(rates["conversations"])
+    ratios = [b / a for a, b in zip(rates["rounds"], rates["conversations"])]  # paired: same seeds, adjacent runs
+    q, q_ci = ci95(ratios)
+    print(f"\nMulti-turn executor rollouts on vLLM, {args.tasks} tasks x {args.samples} samples, up to "
+          f"{args.turns} tool calls, {args.max_tokens} tokens per turn, tool latency mix {sorted(set(LATENCIES))} s "
+          f"({args.tool_workers} sandbox workers); {len(ratios)} paired runs, mean +- 95% CI")
+    print("| schedule | generated tok/s | ratio |\n|---|---|---|")
+    print(f"| round-based | {r:.1f} +- {r_ci:.1f} | 1.00 |")
+    print(f"| per-conversation | {c:.1f} +- {c_ci:.1f} | {q:.2f} +- {q_ci:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
@@ -91,7 +173,20 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--naive-conversations", type=int, default=4)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--schedules", action="store_true", help="only round-based vs per-conversation (vLLM)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tool-workers", type=int, default=8)
     args = ap.parse_args()
+    if args.schedules:
+        args.turns = max(args.turns, 3) if args.turns else 3
+        rates = schedules(args)
+        report_schedules(args, rates)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "schedules": rates}, f, indent=2)
+        return
 
     from selfplay.engines import make_engine
     from selfplay.models import load_causal_lm, load_tokenizer, resolve_model_path

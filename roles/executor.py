@@ -3,7 +3,12 @@
 A turn ends when the model closes a ```python block (stop "\\n```\\n") or opens an ```output block itself
 (stop "```output", as in Agent0). The code runs in the sandbox, its output is appended in an ```output block
 (roles/prompts/executor_observation.txt) and generation continues, for at most `max_turns` tool calls.
-Every round makes one engine call for all active trajectories (token-id prompts, continued verbatim).
+Scheduling (`executor.schedule`): on an engine that takes requests one at a time (vLLM's request-level API,
+`StreamingEngine`) every conversation goes engine -> sandbox -> engine on its own (roles/conversations.py),
+so no conversation waits for the slowest one at a turn and tool calls overlap generation; otherwise (hf)
+every round makes one engine call for all active trajectories. Both paths send the same requests: with a
+`seed`, each request's seed depends only on (seed, question, sample, request number), so the two schedules
+sample the same tokens wherever the engine's numerics do not depend on batch composition.
 
 Token exactness: the model's tokens are kept as sampled, never re-tokenized; only the observation text is
 tokenized, alone, and spliced in. Spans record who wrote each token: "model" (loss_mask 1, sampled logprob),
@@ -11,10 +16,10 @@ tokenized, alone, and spliced in. Spans record who wrote each token: "model" (lo
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
@@ -69,6 +74,13 @@ def has_unclosed_python(turn: str) -> bool:
     return bool(_OPEN_PYTHON.search(turn, closed_until))
 
 
+def request_seed(seed: int, group: int, sample: int, request: int) -> int:
+    """The seed of one engine request: a hash of who asks (question, sample; -1 for a whole group) and which
+    request of that conversation it is, so it does not depend on the order requests reach the engine."""
+    digest = hashlib.blake2b(f"{seed}:{group}:{sample}:{request}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "big")
+
+
 def clip_output(text: str, max_chars: int) -> tuple[str, bool]:
     """Keep the head and the tail (errors print last) within about max_chars characters."""
     if len(text) <= max_chars:
@@ -115,6 +127,8 @@ class Rollout:
     logprobs_missing: bool = False
     turn_start: int = 0  # where the current turn's model text begins in completion_ids
     resumes: int = 0
+    group: int = 0  # index of its question in the rollout call (request seeds are derived from it)
+    requests: int = 0  # engine requests made for it so far
 
     @property
     def loss_mask(self) -> list[int]:
@@ -196,9 +210,12 @@ class Executor:
         )
 
     def rollout(self, questions: Sequence[str], n: int | None = None, task_ids: Sequence[str] | None = None,
-                prefill: str | Sequence[str | None] | None = None, adapter: str | None = None) -> list[list[Rollout]]:
+                prefill: str | Sequence[str | None] | None = None, adapter: str | None = None,
+                seed: int | None = None) -> list[list[Rollout]]:
         """`n` (default samples_per_task) rollouts per question, grouped by question. `prefill`: text forced
-        at the start of the answer (loss_mask 0); if it ends in a python block, that code runs first."""
+        at the start of the answer (loss_mask 0); if it ends in a python block, that code runs first.
+        `seed`: every engine request gets a seed derived from it (same tokens on either schedule); None: the
+        engine's own seeds."""
         n = self.cfg.samples_per_task if n is None else n
         if n < 1:
             raise ValueError(f"n (samples per question) must be >= 1, got {n}")
@@ -212,47 +229,94 @@ class Executor:
                 raise ValueError(f"question {t} is empty or not a string: {question!r}")
             prompt_ids = encode(self.tokenizer, self.build_prompt(question))
             prefill_ids = encode(self.tokenizer, prefills[t]) if prefills[t] else []
-            group = [Rollout(task_ids[t], question, j, prompt_ids) for j in range(n)]
+            group = [Rollout(task_ids[t], question, j, prompt_ids, group=t) for j in range(n)]
             for r in group:
                 r.append(prefill_ids, None, "prefill")
                 if r.length >= self.max_model_len:
                     r.finish = "max_model_len"
             groups.append(group)
         flat = [r for g in groups for r in g]
-        calls = []
-        for r in flat:
-            if r.finish is None and r.completion_ids and self.cfg.use_tools:
-                self._decide(r, stop="prefill", calls=calls)
-        self._run_tools(calls)
-        while True:
-            for r in flat:
-                if r.finish is None and r.length >= self.max_model_len:
-                    r.finish = "max_model_len"
-            active = [r for r in flat if r.finish is None]
-            if not active:
-                break
-            calls = []
-            for r, out in zip(active, self._generate(active, adapter)):
-                self._absorb(r, out, calls)
-            self._run_tools(calls)
+        if self.per_conversation:
+            from roles.conversations import run_conversations
+
+            run_conversations(self, groups, adapter, seed)
+        else:
+            self._run_rounds(groups, adapter, seed)
         for r in flat:
             self._finalize(r)
         return groups
 
-    # ---------------------------------------------------------------- rounds
-    def _generate(self, active: list[Rollout], adapter: str | None) -> list[Any]:
-        """One engine call; identical sequences (the k samples of a task before they diverge) are sent once
-        with n = k, so the prompt is prefilled once."""
-        seqs = [tuple(r.prompt_ids + r.completion_ids) for r in active]
-        counts = Counter(seqs)
-        distinct = list(counts)
-        m = counts[distinct[0]]
-        if m > 1 and all(c == m for c in counts.values()):
-            outs = self.engine.generate([list(s) for s in distinct], self.sampling_params(m), adapter=adapter)
-            pools = {s: list(o.outputs) for s, o in zip(distinct, outs)}
-            return [pools[s].pop(0) for s in seqs]
-        outs = self.engine.generate([list(s) for s in seqs], self.sampling_params(1), adapter=adapter)
-        return [o.outputs[0] for o in outs]
+    @property
+    def per_conversation(self) -> bool:
+        """Whether conversations advance on their own (`executor.schedule`; auto: when the engine can)."""
+        can = all(hasattr(self.engine, a) for a in ("submit", "step", "in_flight"))
+        if self.cfg.schedule == "conversations" and not can:
+            raise ValueError(f"executor.schedule=conversations needs an engine with a request-level API "
+                             f"(engine.backend=vllm); {type(self.engine).__name__} has none")
+        return can and self.cfg.schedule != "rounds"
+
+    def prefill_calls(self, flat: list[Rollout]) -> list:
+        calls: list = []
+        for r in flat:
+            if r.finish is None and r.completion_ids and self.cfg.use_tools:
+                self._decide(r, stop="prefill", calls=calls)
+        return calls
+
+    def _run_rounds(self, groups: list[list[Rollout]], adapter: str | None, seed: int | None) -> None:
+        """Every round: one engine call for all active trajectories, then one sandbox batch for their calls."""
+        flat = [r for g in groups for r in g]
+        self._run_tools(self.prefill_calls(flat))
+        while True:
+            for r in flat:
+                self.check_length(r)
+            if not any(r.finish is None for r in flat):
+                break
+            calls: list = []
+            for members, outs in self._generate_round(groups, adapter, seed):
+                for r, out in zip(members, outs):
+                    self._absorb(r, out, calls)
+            self._run_tools(calls)
+
+    def check_length(self, r: Rollout) -> None:
+        if r.finish is None and r.length >= self.max_model_len:
+            r.finish = "max_model_len"
+
+    @staticmethod
+    def plan_requests(groups: list[list[Rollout]], ready: set[int]) -> list[list[Rollout]]:
+        """Engine requests for the ready trajectories (ids in `ready`): a whole group on its first request with
+        one shared sequence goes as one request with n = group size (prefilled once, vLLM's rule gives sample
+        j seed + j); everything else as one request each. The same rule on both schedules."""
+        out = []
+        for g in groups:
+            members = [r for r in g if id(r) in ready]
+            if (len(members) > 1 and len(members) == len(g) and all(r.requests == 0 for r in g)
+                    and len({tuple(r.completion_ids) for r in g}) == 1):
+                out.append(members)
+            else:
+                out.extend([r] for r in members)
+        return out
+
+    def request_params(self, members: list[Rollout], seed: int | None) -> SamplingParams:
+        params = self.sampling_params(len(members))
+        if seed is not None:
+            r = members[0]
+            params.seed = request_seed(seed, r.group, -1 if len(members) > 1 else r.sample_index, r.requests)
+        for m in members:
+            m.requests += 1
+        return params
+
+    def _generate_round(self, groups: list[list[Rollout]], adapter: str | None, seed: int | None):
+        """One round's engine calls (one per request size n): yields (members, outputs) per request."""
+        active = {id(r) for g in groups for r in g if r.finish is None}
+        requests = self.plan_requests(groups, active)
+        for size in sorted({len(m) for m in requests}):
+            batch = [m for m in requests if len(m) == size]
+            params = [self.request_params(m, seed) for m in batch]
+            seeds = {} if seed is None else {"seeds": [p.seed for p in params]}  # per-prompt seeds only if asked
+            outs = self.engine.generate([m[0].prompt_ids + m[0].completion_ids for m in batch],
+                                        self.sampling_params(size), adapter=adapter, **seeds)
+            for m, o in zip(batch, outs):
+                yield m, list(o.outputs)
 
     def _absorb(self, r: Rollout, out: Any, calls: list) -> None:
         ids, lps = list(out.token_ids), out.logprobs
@@ -293,40 +357,48 @@ class Executor:
         """Run every queued call in one sandbox batch and splice the observations in."""
         if not calls:
             return
-        codes = [code for _, code, _ in calls]
+        results, error = self.run_tools([code for _, code, _ in calls])
+        for (r, code, turn), res in zip(calls, results):
+            self.splice(r, code, turn, res, error)
+
+    def run_tools(self, codes: list[str]) -> tuple[list[Any], str]:
+        """Sandbox results for `codes`, and the error text when the sandbox call itself failed (then every
+        result is None). Thread-safe when the sandbox is (SandboxPool is)."""
         try:
             kwargs = {"timeout_s": self.tool_timeout_s} if self.tool_timeout_s is not None else {}
             results = list(self.run_many(codes, **kwargs))
             if len(results) != len(codes):
                 raise RuntimeError(f"sandbox returned {len(results)} results for {len(codes)} programs")
-            error = ""
+            return results, ""
         except Exception as e:  # a broken sandbox must not kill the rollout; each call records it
             log.exception("sandbox.run_many failed for %d programs", len(codes))
-            results, error = [None] * len(codes), f"{type(e).__name__}: {e}"
-        for (r, code, turn), res in zip(calls, results):
-            status = "sandbox_error" if res is None else str(getattr(res.status, "value", res.status))
-            if res is None:
-                output = error
-            else:
-                output = (res.stdout or "").rstrip("\n")
-                if res.stderr:
-                    output = f"{output}\n{res.stderr.rstrip()}" if output else res.stderr.rstrip()
-            output, clipped = clip_output(output, self.cfg.max_tool_output_chars)
-            truncated = clipped or bool(getattr(res, "truncated", False))
-            obs = self.templates.render("executor_observation.txt", output=output, status=status, truncated=truncated)
-            if _OUTPUT_OPENED.search(turn) and obs.startswith("```output"):
-                obs = obs[len("```output"):]  # the model already opened the block
-            elif not turn.endswith("\n"):
-                obs = "\n" + obs
-            ids = encode(self.tokenizer, obs)
-            call = ToolCall(code, status, obs, float(getattr(res, "duration_s", 0.0) or 0.0), truncated)
-            r.tool_calls.append(call)
-            if r.length + len(ids) >= self.max_model_len:
-                call.shown = False
-                r.finish = "max_model_len"
-                continue
-            r.append(ids, None, "tool")
-            r.turn_start, r.resumes = len(r.completion_ids), 0
+            return [None] * len(codes), f"{type(e).__name__}: {e}"
+
+    def splice(self, r: Rollout, code: str, turn: str, res: Any, error: str) -> None:
+        """Append one tool call's observation to its trajectory (or end it when the output does not fit)."""
+        status = "sandbox_error" if res is None else str(getattr(res.status, "value", res.status))
+        if res is None:
+            output = error
+        else:
+            output = (res.stdout or "").rstrip("\n")
+            if res.stderr:
+                output = f"{output}\n{res.stderr.rstrip()}" if output else res.stderr.rstrip()
+        output, clipped = clip_output(output, self.cfg.max_tool_output_chars)
+        truncated = clipped or bool(getattr(res, "truncated", False))
+        obs = self.templates.render("executor_observation.txt", output=output, status=status, truncated=truncated)
+        if _OUTPUT_OPENED.search(turn) and obs.startswith("```output"):
+            obs = obs[len("```output"):]  # the model already opened the block
+        elif not turn.endswith("\n"):
+            obs = "\n" + obs
+        ids = encode(self.tokenizer, obs)
+        call = ToolCall(code, status, obs, float(getattr(res, "duration_s", 0.0) or 0.0), truncated)
+        r.tool_calls.append(call)
+        if r.length + len(ids) >= self.max_model_len:
+            call.shown = False
+            r.finish = "max_model_len"
+            return
+        r.append(ids, None, "tool")
+        r.turn_start, r.resumes = len(r.completion_ids), 0
 
     def _turn_text(self, r: Rollout) -> str:
         return self.tokenizer.decode(r.completion_ids[r.turn_start:], skip_special_tokens=True)

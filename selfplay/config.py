@@ -117,6 +117,10 @@ class ExecutorConfig(Section):
     # A turn ends at a closed ```python block ("\n```\n") or when the model opens ```output itself (Agent0).
     stop: list[str] = Field(default_factory=lambda: ["```output", "\n```\n"])
     prompt_dir: str | None = None  # directory of Jinja templates overriding roles/prompts/ (file by file)
+    # auto: each conversation advances on its own (engine -> sandbox -> engine) where the engine has a
+    # request-level API (vllm), else rounds (hf); roles/conversations.py
+    schedule: Literal["auto", "rounds", "conversations"] = "auto"
+    max_concurrent_tools: int = Field(16, ge=1)  # per-conversation schedule: tool calls in flight at once
 
 
 class VerifierConfig(Section):
@@ -272,7 +276,7 @@ class LoopConfig(Section):
     time_budget_s: float | None = Field(None, gt=0)
     proposer_updates: int = Field(1, ge=0)  # GRPO steps per iteration
     executor_updates: int = Field(1, ge=0)
-    overlap: bool = False  # roll out iteration t+1 while learning on t (bounded by replay.max_staleness)
+    overlap: bool = False  # the proposer's update runs on the learner while the executor practises
     checkpoint_every: int = Field(1, ge=1)
     pool_capacity: int = Field(10000, ge=1)
 

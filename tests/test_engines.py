@@ -128,6 +128,41 @@ def test_same_seed_same_samples(engine, prompts):
     assert ids(a) != ids(c)
 
 
+def test_per_prompt_seeds_override_params_seed(engine, prompts):
+    """`seeds[i]` seeds prompt i as `params.seed` would, whatever else is in the call."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=16)
+    both = engine.generate(prompts, params, seeds=[11, 5])
+    alone = engine.generate([prompts[1]], SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=5))
+    assert [c.token_ids for c in both[1].outputs] == [c.token_ids for c in alone[0].outputs]
+    assert [c.token_ids for c in both[0].outputs] != [c.token_ids for c in both[1].outputs]
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 prompts"):
+        engine.generate(prompts, params, seeds=[1])
+
+
+def test_submitted_requests_finish_with_what_generate_gives(engine, backend, prompts):
+    """The request-level API (vLLM): requests submitted at different steps each come out once, with the
+    tokens a seeded `generate` gives; `generate` refuses to run while they are in flight."""
+    if backend != "vllm":
+        assert not hasattr(engine, "submit")  # the hf backend keeps rounds (roles/executor.py)
+        return
+    tok = engine.tokenizer
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    params = [SamplingParams(n=n, temperature=1.0, max_tokens=12, seed=s) for n, s in ((2, 3), (1, 4))]
+    first = engine.submit(ids[0], params[0])
+    assert engine.in_flight == 1
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.generate(prompts, params[0])
+    done = dict(engine.step())
+    second = engine.submit(ids[1], params[1])  # joins the running batch
+    while engine.in_flight:
+        done.update(engine.step())
+    assert set(done) == {first, second}
+    for rid, p, pid in ((first, params[0], ids[0]), (second, params[1], ids[1])):
+        want = engine.generate([pid], p)[0]
+        assert [c.token_ids for c in done[rid].outputs] == [c.token_ids for c in want.outputs]
+        assert done[rid].prompt_token_ids == pid
+
+
 def test_token_id_prompts_are_used_verbatim(engine, prompts):
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     by_text = engine.generate([prompts[0]], _greedy())[0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from roles.executor import (MAX_RESUMES_PER_TURN, Rollout, clip_output, has_unclosed_python, next_action,
-                            tool_call_code)
+from roles.executor import (MAX_RESUMES_PER_TURN, Executor, Rollout, clip_output, has_unclosed_python,
+                            next_action, request_seed, tool_call_code)
 from selfplay.config import ExecutorConfig
 from selfplay.types import Trajectory
 
@@ -66,6 +66,25 @@ def test_spans_mask_and_trajectory_alignment():
     traj = r.to_trajectory(reward=1.0, p_hat=0.5, policy_version=2)
     assert isinstance(traj, Trajectory) and traj.role == "executor" and traj.group_id == "t"
     assert traj.loss_mask == r.loss_mask and traj.behaviour_logprobs == r.logprobs and traj.p_hat == 0.5
+
+
+def test_request_seeds_depend_on_who_asks_not_on_order():
+    seeds = {request_seed(0, g, s, k) for g in range(4) for s in range(-1, 4) for k in range(3)}
+    assert len(seeds) == 4 * 5 * 3  # distinct per (question, sample, request)
+    assert request_seed(3, 1, 2, 0) == request_seed(3, 1, 2, 0) != request_seed(4, 1, 2, 0)
+    assert all(0 <= s < 2**56 for s in seeds)  # room for vLLM's seed + j of n samples
+
+
+def test_plan_requests_shares_a_group_prompt_once_then_goes_one_by_one():
+    groups = [[Rollout("a", "q", j, [1, 2], group=0) for j in range(3)],
+              [Rollout("b", "q", j, [3], group=1) for j in range(2)]]
+    ready = {id(r) for g in groups for r in g}
+    plan = Executor.plan_requests(groups, ready)
+    assert [[r.sample_index for r in m] for m in plan] == [[0, 1, 2], [0, 1]]  # n = group size, prefilled once
+    groups[1][0].requests = 1  # one conversation of group b has been sampled: b's samples go alone
+    plan = Executor.plan_requests(groups, ready - {id(groups[0][2])})  # a's 3rd sample is at a tool call
+    assert [[(r.task_id, r.sample_index) for r in m] for m in plan] == [[("a", 0)], [("a", 1)], [("b", 0)],
+                                                                       [("b", 1)]]
 
 
 # ---------------------------------------------------------------- real rollout
@@ -182,3 +201,47 @@ def test_executor_rejects_bad_input(engine):
 
 def test_resume_budget_constant_is_sane():
     assert MAX_RESUMES_PER_TURN >= 1
+
+
+@pytest.mark.slow
+def test_per_conversation_schedule_samples_what_rounds_sample_on_vllm(pool):
+    """The same seed gives the same trajectories whether conversations advance in rounds or each on its own
+    (vLLM's request-level API, tool calls overlapping generation): same requests, same per-request seeds."""
+    from roles.executor import Executor
+    from selfplay.config import EngineConfig, ModelConfig
+    from selfplay.engines import make_engine
+
+    eng = make_engine(ModelConfig(max_model_len=1024),
+                      EngineConfig(backend="vllm", max_batch_size=16, kv_cache_space_gib=1.0), seed=0)
+    questions = ["What is 6 * 7? Use Python.", "What is the 10th prime?", "Sum the numbers 1..100.",
+                 "What is 2 ** 20?"]
+    prefill = ["```python\n", None, "```python\nprint(6 * 7)\n```\n", "```python\n"]  # tool calls on turn 1
+    try:
+        seen = {}
+        for schedule, seed in (("rounds", 11), ("conversations", 11), ("conversations", 12)):
+            cfg = ExecutorConfig(max_turns=2, max_tokens_per_turn=40, samples_per_task=2, temperature=0.8,
+                                 schedule=schedule)
+            executor = Executor(eng, pool, cfg)
+            assert executor.per_conversation == (schedule == "conversations")
+            groups = executor.rollout(questions, prefill=prefill, seed=seed)
+            for r in (r for g in groups for r in g):
+                _check_structure(r, executor)
+            seen[schedule, seed] = [(r.completion_ids, r.logprobs, r.statuses, r.finish, [c.code for c in r.tool_calls])
+                                    for g in groups for r in g]
+        rounds, conversations = seen["rounds", 11], seen["conversations", 11]
+        assert sum(len(s[2]) for s in rounds) >= 4  # multi-turn: tool calls were made and answered
+        assert [s[:1] + s[2:] for s in conversations] == [s[:1] + s[2:] for s in rounds]
+        for a, b in zip(conversations, rounds):
+            assert a[1] == pytest.approx(b[1], abs=1e-4)
+        assert seen["conversations", 12] != conversations  # the seed is really used
+    finally:
+        eng.close()
+
+
+def test_conversations_schedule_needs_an_engine_with_a_request_api(engine, pool):
+    from roles.executor import Executor
+
+    executor = Executor(engine, pool, ExecutorConfig(schedule="conversations"))
+    with pytest.raises(ValueError, match="executor.schedule=conversations"):
+        executor.rollout(["Add 2 and 3."], n=1)
+    assert not Executor(engine, pool, ExecutorConfig()).per_conversation  # auto on hf: rounds

@@ -29,12 +29,34 @@ class Engine(Protocol):
     def adapter_versions(self) -> dict[str, int]: ...
 
     def generate(
-        self, prompts: Prompts, params: SamplingParams, adapter: str | None = None
+        self, prompts: Prompts, params: SamplingParams, adapter: str | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[RequestOutput]: ...
 
     def update_weights(self, update: WeightUpdate) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingEngine(Engine, Protocol):
+    """An engine that also takes requests one at a time (vLLM): `submit` queues a request and returns its id
+    without waiting; `step` advances every queued request by one engine step and returns the ones that
+    finished. Requests submitted between steps join the running batch (continuous batching), so a caller
+    can keep many independent conversations going: per-conversation multi-turn rollouts (roles/executor.py).
+    `generate` must not be called while submitted requests are in flight."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> str: ...
+
+    def step(self) -> list[tuple[str, RequestOutput]]: ...
+
+
+def check_seeds(seeds: Sequence[int] | None, n_prompts: int) -> None:
+    if seeds is not None and len(seeds) != n_prompts:
+        raise ValueError(f"seeds has {len(seeds)} entries for {n_prompts} prompts (one per prompt)")
 
 
 def check_params(params: SamplingParams) -> None:

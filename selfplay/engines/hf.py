@@ -13,11 +13,12 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from selfplay.config import EngineConfig, ModelConfig
-from selfplay.engines.base import Prompts, check_adapter, check_params, tokenize_prompts
+from selfplay.engines.base import Prompts, check_adapter, check_params, check_seeds, tokenize_prompts
 from selfplay.engines.sampling import sample_next
 from selfplay.types import AdapterUpdate, CompletionOutput, FullWeightsUpdate, RequestOutput, SamplingParams
 
@@ -70,17 +71,21 @@ class HFEngine:
     def adapter_versions(self) -> dict[str, int]:
         return {name: version for name, (_, version) in self._adapters.items()}
 
-    def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None) -> list[RequestOutput]:
+    def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None,
+                 seeds: Sequence[int] | None = None) -> list[RequestOutput]:
+        """`seeds`: one per prompt, overriding `params.seed` (sample j of prompt i gets `seeds[i] + j`)."""
         self._check_open()
         check_params(params)
         check_adapter(adapter, self.adapter_versions)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer, self.max_model_len)
+        check_seeds(seeds, len(prompt_ids))
         rows = []
         for i in sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])):  # less padding per chunk
             budget = min(params.max_tokens, self.max_model_len - len(prompt_ids[i]))
             rows += [_Row(i, j, budget) for j in range(params.n)]
         row_seeds = [  # vLLM gives the j-th of n samples seed + j; unseeded rows draw from the engine's seed
-            params.seed + r.sample if params.seed is not None
+            seeds[r.prompt] + r.sample if seeds is not None
+            else params.seed + r.sample if params.seed is not None
             else int(torch.randint(2**62, (1,), generator=self._seed_source))
             for r in rows
         ]

@@ -20,9 +20,10 @@ import logging
 import multiprocessing
 import os
 import tempfile
+from typing import Sequence
 
 from selfplay.config import EngineConfig, ModelConfig
-from selfplay.engines.base import Prompts, check_adapter, check_params, tokenize_prompts
+from selfplay.engines.base import Prompts, check_adapter, check_params, check_seeds, tokenize_prompts
 from selfplay.types import AdapterUpdate, CompletionOutput, FullWeightsUpdate, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -102,49 +103,97 @@ class VLLMEngine:
         )
         self._loras: dict[str, tuple[object, int]] = {}  # name -> (LoRARequest, version)
         self._lora_ids = itertools.count(1)  # vLLM keys its adapter cache by this int: new id per version
+        self._request_counter = itertools.count()
+        self._pending: dict[str, tuple[list[int], bool]] = {}  # submitted request id -> (prompt ids, logprobs?)
 
     # ---------------------------------------------------------------- contract
     @property
     def adapter_versions(self) -> dict[str, int]:
         return {name: version for name, (_, version) in self._loras.items()}
 
-    def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None) -> list[RequestOutput]:
-        from vllm import SamplingParams as VllmSamplingParams
+    def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None,
+                 seeds: Sequence[int] | None = None) -> list[RequestOutput]:
+        """`seeds`: one per prompt, overriding `params.seed` (sample j of prompt i gets `seeds[i] + j`)."""
         from vllm.inputs import TokensPrompt
 
         self._check_open()
+        if self._pending:
+            raise RuntimeError(f"generate() while {len(self._pending)} submitted requests are in flight: "
+                               "step() them to completion first")
         check_params(params)
         check_adapter(adapter, self.adapter_versions)
         prompt_ids = tokenize_prompts(prompts, self.tokenizer, self.max_model_len)
+        check_seeds(seeds, len(prompt_ids))
         if not prompt_ids:
             return []
-        per_prompt = [
-            VllmSamplingParams(
-                n=params.n,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
-                stop=list(params.stop) or None,
-                seed=params.seed,
-                logprobs=0 if params.logprobs else None,  # 0: just the sampled token's logprob
-                include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-            for ids in prompt_ids
-        ]
+        per_prompt = [self._vllm_params(params, len(ids), None if seeds is None else seeds[i])
+                      for i, ids in enumerate(prompt_ids)]
         lora = self._loras[adapter][0] if adapter is not None else None
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], per_prompt, lora_request=lora, use_tqdm=False
         )
-        return [
-            RequestOutput(
-                request_id=out.request_id,
-                prompt=p if isinstance(p, str) else None,
-                prompt_token_ids=ids,
-                outputs=[self._completion(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)],
-            )
-            for p, ids, out in zip(prompts, prompt_ids, outs)
-        ]
+        return [self._request_output(out, ids, params.logprobs, p if isinstance(p, str) else None)
+                for p, ids, out in zip(prompts, prompt_ids, outs)]
+
+    # ---------------------------------------------------------------- request-level API (StreamingEngine)
+    # The loop vLLM's AsyncLLM runs in a background task, driven by the caller: `submit` adds a request to the
+    # engine core without waiting, `step` runs one scheduler step over everything in flight. A request added
+    # between two steps joins the running batch, so independent conversations never wait for each other.
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, adapter: str | None = None) -> str:
+        """Queue one request (`params.n` samples) and return its id; its output comes out of `step()`."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_open()
+        check_params(params)
+        check_adapter(adapter, self.adapter_versions)
+        ids = tokenize_prompts([list(prompt_ids)], self.tokenizer, self.max_model_len)[0]
+        sp = self._vllm_params(params, len(ids), params.seed)
+        sp.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when all its samples are done
+        rid = f"selfplay-{next(self._request_counter)}"
+        lora = self._loras[adapter][0] if adapter is not None else None
+        self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp, lora_request=lora)
+        self._pending[rid] = (ids, params.logprobs)
+        return rid
+
+    def step(self) -> list[tuple[str, RequestOutput]]:
+        """One engine step; returns (id, output) of the submitted requests that finished in it."""
+        self._check_open()
+        if not self._pending:
+            return []
+        done = []
+        for out in self.llm.llm_engine.step():
+            if not out.finished:
+                continue
+            rid = out.request_id
+            ids, want_logprobs = self._pending.pop(rid)
+            done.append((rid, self._request_output(out, ids, want_logprobs, None)))
+        return done
+
+    def _vllm_params(self, params: SamplingParams, prompt_len: int, seed: int | None):
+        from vllm import SamplingParams as VllmSamplingParams
+
+        return VllmSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            max_tokens=min(params.max_tokens, self.max_model_len - prompt_len),
+            stop=list(params.stop) or None,
+            seed=params.seed if seed is None else seed,
+            logprobs=0 if params.logprobs else None,  # 0: just the sampled token's logprob
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def _request_output(self, out, ids: list[int], want_logprobs: bool, prompt: str | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=out.request_id, prompt=prompt, prompt_token_ids=ids,
+            outputs=[self._completion(c, want_logprobs) for c in sorted(out.outputs, key=lambda c: c.index)],
+        )
 
     def update_weights(self, update: AdapterUpdate | FullWeightsUpdate) -> None:
         self._check_open()

@@ -332,7 +332,8 @@ class Actors:
                         pg, placement_group_bundle_index=s.bundle)
             return ray.remote(klass).options(**opts)
 
-        sandbox = remote(SandboxActor, None).remote(cfg, rd)
+        # threaded: the per-conversation rollout schedule sends the tool calls of many conversations at once
+        sandbox = remote(SandboxActor, None, max_concurrency=max(2, cfg.executor.max_concurrent_tools)).remote(cfg, rd)
         verifier = remote(VerifierActor, None).remote(cfg, rd)
         try:
             check_sandbox_tool(sandbox)  # before any model loads: a run never trains on a broken tool
