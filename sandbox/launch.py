@@ -189,6 +189,8 @@ class LaunchSpec:
         argv = [exe, "-s", "-B", *safe_path, "-c", boot]
         if self.jail:
             argv = self._bwrap_args() + argv
+            # run by the sandbox uid: a bwrap inside a 0700 home dir is reached through its staged bind
+            argv[0] = jail_path(argv[0], dict(self.stage_pairs()))
         spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.launch_env(),
                 "uid": self.uid if self.jail else None, "gid": self.gid if self.jail else None}
         return [sys.executable, "-I", "-S", os.path.join(PACKAGE_DIR, "launcher.py"), json.dumps(spec)]
