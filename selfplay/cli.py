@@ -101,6 +101,11 @@ def run(
     sys.exit(Driver(rd, warnings=band_warnings(cfg), capture_libraries=True).run())
 
 
+# What `resume` may change: how long the run goes and what it records, never what it learns from or how.
+RESUME_KEYS = frozenset({"loop.iterations", "loop.checkpoint_every", "eval.every", "eval.limit",
+                         "metrics.exporters", "metrics.trajectories_per_iteration", "ray.address", "ray.num_cpus"})
+
+
 @app.command()
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by `selfplay run`")],
@@ -121,11 +126,6 @@ def resume(
 
     RUN_LOG.append(rd.logs / "driver.log")
     sys.exit(Driver(rd, resume=True, warnings=band_warnings(cfg), capture_libraries=True).run())
-
-
-# What `resume` may change: how long the run goes and what it records, never what it learns from or how.
-RESUME_KEYS = frozenset({"loop.iterations", "loop.checkpoint_every", "eval.every", "eval.limit",
-                         "metrics.exporters", "metrics.trajectories_per_iteration", "ray.address", "ray.num_cpus"})
 
 
 def _resume_overrides(rd, overrides: list[str]):

@@ -65,3 +65,23 @@ def test_console_is_short_logs_go_to_files_and_resume_extends(tmp_path):
     assert rd.state()["status"] == "finished" and rd.state()["iteration"] == 2
     assert rd.load_config().loop.iterations == 2
     assert any(e.get("event") == "config_changed" for e in rd.read_events())
+
+
+def test_an_error_after_ray_started_is_one_short_message(tmp_path):
+    """A model directory that passes the preflight (it has a config.json) but cannot be loaded: the learner
+    actor fails in its constructor. The user gets the actor's own exception in a few lines and exit 1; the
+    traceback is in logs/driver.log."""
+    model = tmp_path / "not-a-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    rd = RunDir(tmp_path / "run")
+    res = selfplay("run", DEBUG, f"run_dir={rd.root}", f"model.name_or_path={model}", *TINY)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    after = lines_before(out + "\nit    end", "it    end")
+    after = after[next(i for i, ln in enumerate(after) if ln.startswith("starting ")) + 1:]
+    assert len(after) <= 3, out
+    assert after[0].startswith("error: ValueError: Unrecognized model") and "Traceback" not in out
+    assert "--verbose" in after[1] and str(rd.logs / "driver.log") in after[1]
+    assert "Traceback" in (rd.logs / "driver.log").read_text()
+    assert rd.state()["status"] == "failed"

@@ -130,7 +130,7 @@ class Driver:
                             transient=True)
         started_ray = False
         actors = None
-        status, code = "failed", 1
+        status, code, crashed = "failed", 1, False
         iterate = run_iteration
         try:
             where = f"the cluster at {cfg.ray.address}" if cfg.ray.address else "a local Ray"
@@ -211,6 +211,7 @@ class Driver:
         except Exception:
             _stop(progress)
             console.note("run failed:\n" + traceback.format_exc())
+            crashed = True  # the CLI prints the one-line error; no "where to look next" after a crash
             raise
         finally:
             _stop(progress)
@@ -222,7 +223,8 @@ class Driver:
                 actors.stop()
             if started_ray:
                 ray.shutdown()
-            self._epilogue(console, status)
+            if not crashed:
+                self._epilogue(console, status)
         return code
 
     def _epilogue(self, console: RunConsole, status: str) -> None:
