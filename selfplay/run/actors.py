@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from selfplay.config import RunConfig
-from selfplay.run.console import redirect_output
+from selfplay.run.console import redirect_output, relay_warnings_from
 from selfplay.run.placement import actor_name
 from selfplay.run.rundir import RunDir
 
@@ -85,6 +85,7 @@ def _own_log(rd: RunDir, name: str) -> None:
     if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
         try:
             redirect_output(rd.logs / f"{name}.log")
+            relay_warnings_from(name, rd.event)  # our own warnings also reach the driver's console
         except OSError:  # this node cannot see the run directory: the driver's probe (check_run_dir) says so
             pass
 

@@ -138,3 +138,71 @@ class ConsoleLogHandler(logging.Handler):
                 self.console.note(logging.Formatter().formatException(record.exc_info))
         except Exception:  # logging must never take the run down
             self.handleError(record)
+
+
+# ------------------------------------------------------------------------------- actors' warnings
+OUR_LOGGERS = ("selfplay", "roles", "sandbox")
+
+
+class EventWarningHandler(logging.Handler):
+    """In an actor: warnings of our own loggers become `warning` events in the run's events.jsonl, which
+    the driver's console relays (`WarningRelay`). Each message template is relayed `per_template` times;
+    the full stream stays in the actor's own log file."""
+
+    def __init__(self, emit_event: Any, actor: str, per_template: int = 3):
+        super().__init__(logging.WARNING)
+        self.emit_event, self.actor, self.per_template = emit_event, actor, per_template
+        self.seen: dict[tuple[str, str], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            key = (record.name, str(record.msg))
+            n = self.seen[key] = self.seen.get(key, 0) + 1
+            if n > self.per_template:
+                return
+            msg = " ".join(record.getMessage().split())[:400]
+            if n == self.per_template:
+                msg += f" (further ones only in logs/{self.actor}.log)"
+            self.emit_event("warning", actor=self.actor, level=record.levelname.lower(), message=msg)
+        except Exception:
+            self.handleError(record)
+
+
+def relay_warnings_from(actor: str, emit_event: Any) -> EventWarningHandler:
+    """Install the handler on our loggers in this (actor) process."""
+    handler = EventWarningHandler(emit_event, actor)
+    for name in OUR_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, EventWarningHandler) for h in logger.handlers):
+            logger.addHandler(handler)
+    return handler
+
+
+class WarningRelay:
+    """Driver side: prints the `warning` events the actors appended to events.jsonl since the last poll."""
+
+    def __init__(self, events_file: Path, console: RunConsole):
+        self.path, self.console = events_file, console
+        self.offset = events_file.stat().st_size if events_file.exists() else 0
+
+    def poll(self) -> int:
+        import json
+
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # complete lines only: an actor may be mid-write
+        self.offset += end
+        shown = 0
+        for line in chunk[:end].splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(e, dict) and e.get("event") == "warning":
+                say = self.console.error if e.get("level") in ("error", "critical") else self.console.warn
+                say(f"{e.get('actor', '?')}: {e.get('message', '')}")
+                shown += 1
+        return shown

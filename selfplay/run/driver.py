@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sandbox.selftest import SandboxSelfTestFailed
 from selfplay.run.actors import Actors, restart_counts
-from selfplay.run.console import ConsoleLogHandler, RunConsole
+from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.rundir import RunDir
 
@@ -109,6 +109,7 @@ class Driver:
             return 0
         for w in self.warnings:
             console.warn(w)
+        relay = WarningRelay(rd.events, console)  # the actors' warnings, from events.jsonl
         rd.event("driver_start", pid=os.getpid(), resume=self.resume, from_iteration=done)
         rd.write_state(status="running", pid=os.getpid())
 
@@ -152,6 +153,7 @@ class Driver:
             t_start = time.perf_counter()
             actors = Actors.start(cfg, rd)
             versions = ray.get(actors.learner.versions.remote())
+            relay.poll()
             console.print(f"actors ready in {time.perf_counter() - t_start:.0f} s; "
                           f"iterations {done + 1}..{cfg.loop.iterations}")
             ctx = Context(cfg, rd, actors, pool, replay, versions, stop_requested=lambda: self._stop,
@@ -164,6 +166,7 @@ class Driver:
             current = {"it": done + 1}
 
             def on_stage(stage: str) -> None:
+                relay.poll()
                 progress.update(bar, stage=stage)
                 console.note(f"iteration {current['it']}: {stage}")
 
@@ -223,6 +226,7 @@ class Driver:
                 actors.stop()
             if started_ray:
                 ray.shutdown()
+            relay.poll()
             if not crashed:
                 self._epilogue(console, status)
         return code
