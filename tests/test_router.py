@@ -77,3 +77,35 @@ def test_plan_gives_each_rank_and_tp_replica_its_bundle_and_names_what_is_missin
     assert len(problems) == 1 and "rollout-1 needs 2 GPU" in problems[0] and "cluster: 7" in problems[0]
     _, problems = fit(slots, [{"CPU": 3, "GPU": 8}])
     assert problems and all("CPU" in p for p in problems)
+
+
+def _plan_cli(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "selfplay", "plan", *args], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_selfplay_plan_fills_one_node_and_refuses_a_smaller_one():
+    ok = _plan_cli("configs/cluster_qwen3_8b.yaml", "--node", "8:64")
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert sum(line.startswith("learner-") for line in lines) == 4
+    assert sum(line.startswith("rollout-") for line in lines) == 2
+    assert "total reserved: 6 CPU, 8 GPU" in ok.stdout
+    short = _plan_cli("configs/cluster_qwen3_8b.yaml", "--node", "4:64")
+    assert short.returncode == 1
+    assert "cannot hold this run" in short.stderr and "rollout-0 needs 2 GPU" in short.stderr
+    assert "DOES NOT FIT" in short.stdout
+
+
+def test_two_node_config_needs_both_nodes():
+    both = _plan_cli("configs/cluster_qwen3_8b_2node.yaml", "--node", "8:64", "--node", "8:64")
+    assert both.returncode == 0, both.stderr
+    assert "total reserved: 12 CPU, 16 GPU" in both.stdout
+    nodes = {line.split()[4] for line in both.stdout.splitlines() if line.startswith(("learner-", "rollout-"))}
+    assert len(nodes) == 2
+    assert _plan_cli("configs/cluster_qwen3_8b_2node.yaml", "--node", "8:64").returncode == 1
