@@ -9,6 +9,10 @@ Defaults (ProposerConfig): gamma 0.05, C 4, tau_BLEU 0.5, lambda_rep 1, format p
 The paper leaves open whether N_tool is per trajectory; we average gamma*min(N_j, C) over the executor's k
 trajectories for the task. Agent0's released code instead counts "```output" in the proposer's own text
 and uses min(p, 1-p) (= R_unc / 2) without the clamp: set lambda_unc 0.5, clamp_nonnegative false for that.
+
+Agreement gate (Agent0's released reward code; `proposer.require_agreement`, default on): the reward is 0
+unless the executor's majority answer equals the proposer's own answer and p_hat > `agreement_min_p_hat`
+(0.1). Without it an ill-posed question whose answers split (a 2/2 tie with k = 4) earns the top R_unc.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ class ProposerReward:
     total: float
     p_hat: float | None = None
     cluster: int | None = None  # repetition cluster within the batch
+    gated: bool = False  # the agreement gate zeroed `total` (the parts keep their values)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,15 +67,21 @@ def score_batch(
     p_hats: Sequence[float | None],
     tool_calls: Sequence[Sequence[int]],
     cfg: ProposerConfig | None = None,
+    agrees: Sequence[bool | None] | None = None,
 ) -> list[ProposerReward]:
     """Rewards for one proposer batch. `questions[i]` is None for a rejected (format-failed) proposal; the
     repetition clusters are formed over the accepted ones (B = their number). `p_hats[i]` None (no executor
-    vote) counts as p_hat 0, i.e. R_unc 0. `tool_calls[i]` are the k executor trajectories' tool-call counts."""
+    vote) counts as p_hat 0, i.e. R_unc 0. `tool_calls[i]` are the k executor trajectories' tool-call counts.
+    `agrees[i]`: the executor's majority answer equals the proposer's own answer (None: no majority answer or
+    no proposer answer, i.e. no agreement); needed when `cfg.require_agreement`."""
     cfg = cfg or ProposerConfig()
     if not len(questions) == len(p_hats) == len(tool_calls):
         raise ValueError(
             f"questions ({len(questions)}), p_hats ({len(p_hats)}) and tool_calls ({len(tool_calls)}) must align"
         )
+    if cfg.require_agreement and (agrees is None or len(agrees) != len(questions)):
+        raise ValueError("proposer.require_agreement needs `agrees` (one entry per question): whether the "
+                         "executor's majority answer equals the proposer's answer")
     valid = [i for i, q in enumerate(questions) if q is not None]
     penalties, labels = repetition_penalties([questions[i] for i in valid], cfg.lambda_rep, cfg.bleu_tau)
     rep = dict(zip(valid, zip(penalties, labels)))
@@ -83,5 +94,8 @@ def score_batch(
         unc = uncertainty_reward(p_hat) if p_hat is not None else 0.0
         tool = tool_reward(tool_calls[i], cfg.tool_gamma, cfg.tool_cap)
         penalty, label = rep[i]
-        out.append(ProposerReward(unc, tool, penalty, True, combine(unc, tool, penalty, cfg), p_hat, label))
+        total = combine(unc, tool, penalty, cfg)
+        gated = cfg.require_agreement and not (bool(agrees[i]) and p_hat is not None
+                                               and p_hat > cfg.agreement_min_p_hat)
+        out.append(ProposerReward(unc, tool, penalty, True, 0.0 if gated else total, p_hat, label, gated))
     return out

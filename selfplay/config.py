@@ -100,6 +100,11 @@ class ProposerConfig(Section):
     bleu_tau: float = Field(0.5, ge=0, le=1)
     format_penalty: float = -1.0
     clamp_nonnegative: bool = True  # paper: max(0, .); Agent0's code does not clamp
+    # Agent0's released reward code: the score is 0 unless the executor's majority answer equals the proposer's
+    # own answer and p_hat > agreement_min_p_hat (otherwise an ill-posed task whose answers split earns the
+    # top uncertainty reward); off = the paper's form (Eqs. 2-5) alone
+    require_agreement: bool = True
+    agreement_min_p_hat: float = Field(0.1, ge=0, le=1)
     prompt_dir: str | None = None  # directory of Jinja templates overriding roles/prompts/ (file by file)
     response_prefix: str = "<question>"  # forced start of the reply ("" to let the model open the tag itself)
 
@@ -305,6 +310,30 @@ class RunConfig(Section):
         if tp > 1 and gpus is not None and gpus != tp:
             raise ValueError(f"ray.gpus.rollout={gpus:g} (GPUs per replica) must equal "
                              f"engine.tensor_parallel_size={tp}")
+        return self
+
+    @model_validator(mode="after")
+    def _learning_fits_the_batch(self) -> "RunConfig":
+        """Refuse what cannot run as written: more updates than groups an iteration makes, KL-Cov where its
+        term is identically zero, an advantage mode no role feeds (docs/losses.md)."""
+        lp, le = self.loop, self.learner
+        made = {"proposer": ("proposer.candidates_per_iteration", self.proposer.candidates_per_iteration),
+                "executor": ("executor.tasks_per_iteration", self.executor.tasks_per_iteration)}
+        for role, (field, groups) in made.items():
+            updates = getattr(lp, f"{role}_updates")
+            if updates > groups:
+                raise ValueError(f"loop.{role}_updates ({updates}) > {field} ({groups}): each update is one "
+                                 f"optimizer step on at least one whole group, and an iteration makes at most "
+                                 f"{groups} {role} groups; lower loop.{role}_updates or raise {field}")
+        if le.entropy_control == "kl_cov" and max(lp.proposer_updates, lp.executor_updates) * le.ppo_epochs <= 1:
+            raise ValueError("learner.entropy_control=kl_cov needs more than one optimizer step per rollout batch "
+                             "(loop.<role>_updates > 1 or learner.ppo_epochs > 1): on a batch's first step the "
+                             "ratio is exactly 1 and KL-Cov's |log r| term has zero gradient, so it would do "
+                             "nothing")
+        if le.advantage == "hrpo":
+            raise ValueError("learner.advantage=hrpo groups samples by traj.meta['structure'] (Dr. Zero's hop "
+                             "count), which no role of this loop records yet; use grpo or drgrpo (hrpo is "
+                             "available to Learner.train_step callers that set the structure)")
         return self
 
 

@@ -98,7 +98,8 @@ def test_repetition_penalty_is_cluster_share():
 
 
 def test_score_batch_by_hand():
-    cfg = ProposerConfig()  # lambda_unc 1, lambda_tool 1, gamma 0.05, C 4, lambda_rep 1, tau 0.5, clamp on
+    # lambda_unc 1, lambda_tool 1, gamma 0.05, C 4, lambda_rep 1, tau 0.5, clamp on; the paper's form (no gate)
+    cfg = ProposerConfig(require_agreement=False)
     q_dup = "What is the sum of the first ten primes?"
     q_other = "How many subsets of a 5-element set have an odd number of elements?"
     out = score_batch([q_dup, q_dup, None, q_other], [0.7, 0.2, None, 0.5], [[1, 3], [0, 0], [], [6, 2]], cfg)
@@ -122,6 +123,23 @@ def test_score_batch_by_hand():
 def test_score_batch_checks_alignment():
     with pytest.raises(ValueError, match="align"):
         score_batch(["q"], [0.5, 0.5], [[1]])
+    with pytest.raises(ValueError, match="require_agreement needs"):
+        score_batch(["q"], [0.5], [[1]], ProposerConfig())
+
+
+def test_agreement_gate_zeroes_ambiguous_and_disowned_tasks():
+    """Agent0's code: no reward unless the majority answer is the proposer's own and p_hat > 0.1. A 2/2 tie
+    (k = 4) whose majority is not the proposer's answer earns the top uncertainty reward without the gate."""
+    qs = ["What is 2 + 2?", "How many primes are below 20?", "What is 7 factorial?", "Name a prime above 90."]
+    p_hats, tools, agrees = [0.5, 0.5, 0.1, 0.6], [[], [], [], []], [False, True, True, None]
+    off = score_batch(qs, p_hats, tools, ProposerConfig(require_agreement=False, lambda_rep=0.0), agrees)
+    assert off[0].total == pytest.approx(1.0) and not any(r.gated for r in off)
+    on = score_batch(qs, p_hats, tools, ProposerConfig(lambda_rep=0.0), agrees)
+    assert [r.gated for r in on] == [True, False, True, True]  # disowned; kept; p_hat not > 0.1; no majority
+    assert [r.total for r in on] == pytest.approx([0.0, 1.0, 0.0, 0.0])
+    assert on[0].uncertainty == pytest.approx(1.0)  # the parts stay visible
+    looser = score_batch(qs, p_hats, tools, ProposerConfig(lambda_rep=0.0, agreement_min_p_hat=0.05), agrees)
+    assert looser[2].total == pytest.approx(0.2) and not looser[2].gated
 
 
 # ---------------------------------------------------------------- prompts and real generation
@@ -189,7 +207,8 @@ def test_propose_on_the_embedded_model(engine):
         assert len(prop.completion_ids) == len(prop.logprobs) > 0
         assert prop.task.ok or prop.task.reason in REJECT_REASONS
         assert prop.task == parse_task(prop.text, prop.finish_reason)
-    rewards = score_batch([p.task.question if p.task.ok else None for p in proposals], [0.5, 0.5], [[1], [1]], cfg)
+    rewards = score_batch([p.task.question if p.task.ok else None for p in proposals], [0.5, 0.5], [[1], [1]], cfg,
+                          agrees=[True, True])
     traj = proposals[0].to_trajectory(rewards[0], policy_version=3)
     assert isinstance(traj, Trajectory) and traj.role == "proposer"
     assert traj.loss_mask == [1] * len(traj.completion_ids) and traj.reward == rewards[0].total

@@ -125,3 +125,45 @@ def test_two_ranks_make_the_single_process_update(tiny_model, tmp_path, groups):
         assert torch.allclose(got[k], want[k], atol=1e-5, rtol=0), (k, (got[k] - want[k]).abs().max())
         assert torch.equal(got[k], other[k])  # the ranks stay identical
     assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)  # peft starts lora_B at 0: it moved
+
+
+@pytest.mark.slow
+def test_two_ranks_take_every_mini_batch_step_of_the_single_process(tiny_model, tmp_path):
+    """loop.<role>_updates across ranks: 3 groups in 2 mini-batches (2 groups, then 1, where rank 1 idles
+    through the collectives): the same steps, losses and weights as one process's train_batch."""
+    import ray
+    import torch
+
+    from selfplay.config import load_config
+    from selfplay.learner.learner import Learner
+    from selfplay.run.actors import LearnerActor
+    from selfplay.run.ranks import LearnerGroup
+    from selfplay.run.rundir import RunDir
+
+    overrides = [f"model.name_or_path={tiny_model}", "model.dtype=float32", "learner.world_size=2",
+                 "learner.lr=1e-2", "learner.kl_coef=0.0", "learner.micro_batch_tokens=64", "learner.lora.r=4",
+                 "learner.lora.alpha=8", "learner.adpo=false", f"run_dir={tmp_path / 'run'}"]
+    cfg = load_config(None, overrides)
+    rd = RunDir.create(cfg)
+    b = batch(3, 3)
+    single = Learner(cfg.model, cfg.learner, seed=cfg.seed)
+    torch.set_num_threads(1)
+    want = single.train_batch("executor", b, updates=2)
+    single.export("executor", tmp_path / "single")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ranks = [ray.remote(LearnerActor).options(num_cpus=0).remote(cfg, rd, f"learner-{i}") for i in range(2)]
+        group = LearnerGroup.form(ranks, cfg.learner.ppo_epochs)
+        got, adv = ray.get(group.train_batch.remote("executor", b, None, None, 2))
+        assert set(adv) == {t.traj_id for t in b}
+        assert len(got) == len(want) == 2
+        for g, w in zip(got, want):
+            assert g["tokens"] == w["tokens"] and g["loss"] == pytest.approx(w["loss"], abs=1e-5)
+        assert got[1]["ratio_max"] == pytest.approx(want[1]["ratio_max"], rel=1e-5)
+        ray.get(group.export.remote("executor", str(tmp_path / "rank0")))
+        assert ray.get(group.versions.remote()) == single.policy_version
+    finally:
+        ray.shutdown()
+    w_, g_ = _adapter(tmp_path / "single"), _adapter(tmp_path / "rank0")
+    for k in w_:
+        assert torch.allclose(g_[k], w_[k], atol=1e-5, rtol=0), k

@@ -8,6 +8,7 @@ scoring and compares its advantages and its loss on real model logprobs.
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -55,6 +56,11 @@ def make_trainer(trl_parts, tmp_path, *, loss_type, beta, eps=0.2, eps_high=0.28
     if reward_func is None:
         _TRAINERS[key] = trainer
     return trainer
+
+
+def case_seed(*parts) -> int:
+    """A seed per test case that is the same in every process (hash() of a str is salted per process)."""
+    return zlib.crc32(repr(parts).encode()) % 1000
 
 
 def prepared(B=8, T=MAX_COMPLETION, seed=0):
@@ -106,7 +112,7 @@ def test_loss_equals_trl(trl_parts, tmp_path, loss_type, beta, eps_high, kl_corr
     trainer = make_trainer(trl_parts, tmp_path, loss_type=loss_type, beta=beta, eps_high=eps_high,
                            kl_correction=kl_correction)
     trainer.model.eval()  # eval: TRL applies no gradient-accumulation divisor
-    logp, old, ref, adv, cmask, tmask = prepared(seed=hash((loss_type, beta)) % 1000)
+    logp, old, ref, adv, cmask, tmask = prepared(seed=case_seed(loss_type, beta, eps_high, kl_correction))
     want, want_grad = trl_loss(trainer, logp, old, ref, adv, cmask, tmask)
     got, got_grad = our_loss(learner_cfg(loss_type, beta, eps_high=eps_high, kl_correction=kl_correction), logp, old,
                              ref, adv,
@@ -114,6 +120,21 @@ def test_loss_equals_trl(trl_parts, tmp_path, loss_type, beta, eps_high, kl_corr
     assert abs(float(got) - float(want)) < 1e-5, (float(got), float(want))
     assert torch.allclose(got_grad, want_grad, atol=1e-6), (got_grad - want_grad).abs().max()
     assert torch.all(got_grad[(cmask * tmask) == 0] == 0)
+
+
+def test_case_inputs_are_the_same_in_every_process():
+    """The parity inputs do not depend on the process's str-hash salt (PYTHONHASHSEED)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_trl_equivalence import case_seed, prepared; "
+            "print(case_seed('grpo', 0.04, 0.28, True), float(prepared(seed=case_seed('grpo', 0.04))[0].sum()))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).resolve().parents[1],
+                           env=dict(os.environ, PYTHONHASHSEED=str(salt))).stdout for salt in (1, 2)}
+    assert len(outs) == 1, outs
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])

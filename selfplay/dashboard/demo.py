@@ -87,6 +87,7 @@ def synthetic_iteration(it: int, cfg: RunConfig, rng: random.Random, tasks_per_i
         "proposer/reward/uncertainty": sum(t.reward_components["uncertainty"] for t in tasks) / len(tasks),
         "proposer/reward/tool": sum(t.reward_components["tool"] for t in tasks) / len(tasks),
         "proposer/reward/repetition": sum(t.reward_components["repetition"] for t in tasks) / len(tasks),
+        "proposer/reward/agreement_gate": max(0.0, 0.3 - 0.02 * it),  # share zeroed by the Agent0 gate
         "proposer/parse_rate": len(scored) / len(tasks),
         "tasks/proposed": len(tasks), "tasks/accepted": n_acc, "tasks/accepted_rate": n_acc / len(tasks),
         "pool/size": 40 + it * 7.0,

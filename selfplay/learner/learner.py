@@ -7,10 +7,11 @@ Why it looks like this (docs/learner.md has the long form):
 - Compute (selfplay/learner/scoring.py): the LM head runs only on the hidden states of trained completion tokens,
   and each distinct prompt runs once per micro-batch with its KV cache fanned out to its G samples (prompt
   sharing; exact gradients). Logits are divided by the sampling temperature (TRL).
-- The proximal ("old") log-probs come free: weights do not change before the epoch's optimizer step, so
-  the first epoch's `logp.detach()` IS old_logp (exact for stale samples too; their behaviour log-probs
-  feed truncated IS in `policy_loss`). ppo_epochs=1 costs one forward+backward per micro-batch, plus one
-  no-grad reference forward when kl_coef > 0.
+- Batch semantics (verl; selfplay/learner/batches.py): a rollout batch is split into `updates` mini-batches
+  of whole groups, one optimizer step each, for `ppo_epochs` passes. The proximal ("old") log-probs are the
+  policy's before step 1: free for the first mini-batch (`logp.detach()` before its step is exact), one
+  no-grad forward for each later one. Later steps therefore see ratio != 1 and the clip acts. The same pass
+  scores the proximal policy under the sampler's top-k/top-p for truncated IS (docs/losses.md).
 - Micro-batches are length-sorted (prompt groups kept together) and packed up to `micro_batch_tokens`
   padded tokens; `policy_loss` gets whole-batch totals, so the micro-batch losses sum to the full-batch loss.
 """
@@ -21,6 +22,7 @@ import logging
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +33,7 @@ from torch import Tensor
 from selfplay.learner.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
                                  write_latest)
 from selfplay.config import LearnerConfig, ModelConfig
+from selfplay.learner.batches import MetricMean, split_groups, summarise_steps
 from selfplay.learner.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
 from selfplay.learner.scoring import MicroBatch, build_micro_batches, token_logprobs
@@ -118,11 +121,12 @@ class Learner:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     # ------------------------------------------------------------------------------------ log-probs
-    def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False, sampler: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor]:
         model = model if model is not None else self.model
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
         return token_logprobs(hf, mb, autocast=self._autocast, head_dtype=torch.bfloat16 if self.bf16 else None,
-                              softcap=self._softcap, entropy=entropy)
+                              softcap=self._softcap, entropy=entropy, sampler=sampler)
 
     @torch.no_grad()
     def _ref_logps(self, mb: MicroBatch) -> Tensor:
@@ -133,22 +137,22 @@ class Learner:
         with self.model.disable_adapter():
             return self._token_logps(mb)[0]
 
-    def _micro_batches(self, trajs: list[Trajectory], temps: list[float]) -> list[MicroBatch]:
-        return build_micro_batches(trajs, temps, self.cfg.micro_batch_tokens, self.device, self.share_prompts)
-
     @torch.no_grad()
     def logprobs(self, role: str, trajectories: Sequence[Trajectory], temperature: float | None = None,
-                 reference: bool = False) -> list[list[float]]:
+                 reference: bool = False, sampler: bool = False) -> list[list[float]]:
         """Per-token log-probs of each completion under `role`'s current policy (or the reference), aligned
-        with `behaviour_logprobs` (0.0 where loss_mask is 0): checks that engines serve what was trained."""
+        with `behaviour_logprobs` (0.0 where loss_mask is 0): checks that engines serve what was trained.
+        `sampler`: under the sampler's top-k/top-p (`traj.meta`), as the engines report them."""
         self._check_role(role)
         trajs = list(trajectories)
         temps = [_temperature(t, temperature) for t in trajs]
         if self.lora:
             self.model.set_adapter(role)
         out: list[list[float]] = [[] for _ in trajs]
-        for mb in self._micro_batches(trajs, temps):
-            logp = self._ref_logps(mb) if reference else self._token_logps(mb)[0]
+        truncation = [_truncation(t) for t in trajs] if sampler else None
+        for mb in build_micro_batches(trajs, temps, self.cfg.micro_batch_tokens, self.device, self.share_prompts,
+                                      truncation):
+            logp = self._ref_logps(mb) if reference else self._token_logps(mb, sampler=sampler)[2 if sampler else 0]
             for j, i in enumerate(mb.rows):
                 out[i] = logp[j, :len(trajs[i].completion_ids)].float().cpu().tolist()
         return out
@@ -175,90 +179,139 @@ class Learner:
     def train_step(self, role: str, trajectories: Sequence[Trajectory], weights: Sequence[float] | None = None,
                    temperature: float | None = None, keep_advantage: Sequence[bool] | None = None
                    ) -> dict[str, float]:
-        """One RL update of `role` on these trajectories; returns flat metrics ("loss", "kl", ...).
+        """The whole batch as ONE mini-batch (`learner.ppo_epochs` optimizer steps); the steps' metrics
+        summarised (`batches.summarise_steps`: "loss", "kl", "steps", ...). See `train_batch`."""
+        return summarise_steps(self.train_batch(role, trajectories, weights, temperature, keep_advantage),
+                               self.cfg.ppo_epochs)
+
+    def train_batch(self, role: str, trajectories: Sequence[Trajectory], weights: Sequence[float] | None = None,
+                    temperature: float | None = None, keep_advantage: Sequence[bool] | None = None,
+                    updates: int = 1, parts: Sequence[Sequence[int]] | None = None) -> list[dict[str, float]]:
+        """RL updates of `role` on one rollout batch; returns one metrics dict per optimizer step.
+
+        verl's batch semantics: the batch is split into `updates` mini-batches of whole groups (fewer when it
+        holds fewer groups: logged), one optimizer step each, in order, for `learner.ppo_epochs` passes. The
+        proximal ("old") log-probs of every mini-batch are the policy's before step 1, so each later step
+        trains on data its policy did not sample (ratio != 1, the clip acts). The role's policy version
+        advances by one per optimizer step.
 
         Advantages: rows with `keep_advantage[i]` use `traj.advantage` as given (a self-imitation replay, whose
         group is not in the batch); the others get `compute_advantages` over their groups. Without
         `keep_advantage`, a non-zero `traj.advantage` counts as given. `last_advantages` keeps what was used.
         Temperature (logits are divided by it): `traj.meta["temperature"]`, else `temperature`, else 1.0.
         `weights`: optional per-trajectory sample weights (the replay buffer's staleness down-weighting).
+        `parts`: the mini-batches as row indices, instead of `updates` (data-parallel ranks: each rank's share
+        of every mini-batch, possibly empty, so all ranks step together).
+        Truncated IS compares the engine's log-probs with the proximal policy under the sampler's own
+        top-k/top-p (`traj.meta["top_p"]`, `["top_k"]`); rows without behaviour log-probs get no IS weight.
         """
-        t0 = time.perf_counter()
         self._check_role(role)
         trajs = list(trajectories)
         _validate(role, trajs, weights)
-        cfg = self.cfg
         adv = self._advantages(trajs, keep_advantage)
         self.last_advantages = {t.traj_id: a for t, a in zip(trajs, adv)}
         temps = [_temperature(t, temperature) for t in trajs]
-        behaviour = cfg.tis_cap is not None and any(
-            lp != 0.0 for t in trajs for lp, m in zip(t.behaviour_logprobs, t.loss_mask) if m)
+        if parts is not None:
+            parts = [list(p) for p in parts]
+        elif len(parts := split_groups(trajs, updates)) < updates:
+            log.warning("%s: %d updates requested but the batch holds %d groups: %d optimizer steps per epoch",
+                        role, updates, len(parts), len(parts))
+        if self.lora:
+            self.model.set_adapter(role)
+        self.model.train()
+        version = self.policy_version[role]
+        plans = [self._plan(role, [trajs[i] for i in rows], [adv[i] for i in rows],
+                            None if weights is None else [weights[i] for i in rows], [temps[i] for i in rows],
+                            version) for rows in parts]
+        with torch.no_grad():  # the policy before step 1: proximal log-probs of the later mini-batches
+            for plan in plans[1:]:
+                for mb in plan.mbs:
+                    mb.old_logp, _, sampler = self._token_logps(mb, sampler=plan.use_is)
+                    mb.old_logp_sampler = sampler if plan.use_is else None
+        return [self._optimizer_step(role, plan, epoch, k)
+                for epoch in range(self.cfg.ppo_epochs) for k, plan in enumerate(plans)]
+
+    def _plan(self, role: str, trajs: list[Trajectory], adv: list[float], weights: list[float] | None,
+              temps: list[float], version: int) -> "_Plan":
+        """One mini-batch's micro-batches with their loss inputs (reference log-probs included)."""
+        cfg = self.cfg
         n_tokens = sum(int(bool(m)) for t in trajs for m in t.loss_mask)
-        metrics = _batch_stats(trajs, adv, self.policy_version[role])
-        if n_tokens == 0:  # nothing the policy produced: count it, change nothing
-            return {**metrics, "skipped": 1.0, "time_s": time.perf_counter() - t0}
-        mbs = self._micro_batches(trajs, temps)
+        plan = _Plan(trajs=trajs, n_tokens=n_tokens, stats=_batch_stats(trajs, adv, version))
+        if n_tokens == 0:
+            return plan
+        has_behaviour = [_has_behaviour(t) for t in trajs]
+        plan.use_is = cfg.tis_cap is not None and any(has_behaviour)
+        plan.mbs = build_micro_batches(trajs, temps, cfg.micro_batch_tokens, self.device, self.share_prompts,
+                                       [_truncation(t) for t in trajs] if plan.use_is else None)
         eps_high = self._eps_high(role, trajs)
-        for mb in mbs:
+        for mb in plan.mbs:
             mb.advantages, mb.weights, mb.eps_high = mb.per_row(adv), mb.per_row(weights), mb.per_row(eps_high)
-            if behaviour:
+            if plan.use_is:
+                mb.behaviour_rows = mb.per_row([float(h) for h in has_behaviour])
                 mb.behaviour_logp = torch.zeros_like(mb.mask)
                 for j, i in enumerate(mb.rows):
                     lp = trajs[i].behaviour_logprobs
                     mb.behaviour_logp[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
-        if self.lora:
-            self.model.set_adapter(role)
-        self.model.train()
-        if cfg.kl_coef > 0:
-            for mb in mbs:
+            if cfg.kl_coef > 0:
                 mb.ref_logp = self._ref_logps(mb)
+        return plan
+
+    def _optimizer_step(self, role: str, plan: "_Plan", epoch: int, index: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if plan.n_tokens == 0:  # nothing the policy produced: count it, change nothing
+            if self.dist is not None:  # other ranks may have tokens: take part in their step's collectives
+                self.dist.idle_steps(self, role, 1)
+                return {}
+            return {**plan.stats, "skipped": 1.0, "time_s": 0.0}
+        cfg, trajs, mbs = self.cfg, plan.trajs, plan.mbs
         key = self._key(role)
         opt, sched = self._optim[key]
-        totals = dict(total_tokens=float(n_tokens), total_seqs=float(len(trajs)),
+        totals = dict(total_tokens=float(plan.n_tokens), total_seqs=float(len(trajs)),
                       max_len=cfg.loss_norm_len or max(len(t.completion_ids) for t in trajs))
         if self.dist is not None:  # data-parallel ranks: normalise by the whole batch (learner/distributed.py)
             totals = self.dist.totals(totals)
-        acc = _MetricMean()
-        losses, grad_norms, lr = [], [], sched.get_last_lr()[0]
-        for epoch in range(cfg.ppo_epochs):
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for k, mb in enumerate(mbs):
-                logp, ent = self._token_logps(mb, entropy=epoch == 0)
-                ent = ent if epoch == 0 else None
-                if mb.old_logp is None:
-                    mb.old_logp = logp.detach()  # weights are unchanged until this epoch's step: exact
-                inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
-                                       ref_logp=mb.ref_logp, behaviour_logp=mb.behaviour_logp,
-                                       eps_high=mb.eps_high, weights=mb.weights)
-                # Clip-Cov's random picks: reproducible, also across a resume
-                seed = self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k
-                gen = torch.Generator().manual_seed(seed % 2**62)
-                loss, m = policy_loss(inp, cfg, generator=gen, **totals)
-                if loss.requires_grad:
-                    loss.backward()
-                loss_sum += float(loss.detach())
-                acc.add(m, float(mb.mask.sum()))
-                if ent is not None:
-                    acc.add({"entropy": float((ent * mb.mask).sum() / mb.mask.sum().clamp(min=1))},
-                            float(mb.mask.sum()))
-            if self.dist is not None:  # the full batch's gradient on every rank, before the clip
-                self.dist.all_reduce_grads(self._params[key])
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self._params[key], cfg.max_grad_norm)))
-            opt.step()
-            sched.step()
-            losses.append(loss_sum)
+        acc = MetricMean()
+        lr = sched.get_last_lr()[0]
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for k, mb in enumerate(mbs):
+            want_sampler = plan.use_is and mb.old_logp_sampler is None
+            logp, ent, sampler = self._token_logps(mb, entropy=epoch == 0, sampler=want_sampler)
+            if mb.old_logp is None:
+                mb.old_logp = logp.detach()  # the first mini-batch: weights are unchanged until its step, exact
+            if want_sampler:
+                mb.old_logp_sampler = sampler
+            inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
+                                   ref_logp=mb.ref_logp, behaviour_logp=mb.behaviour_logp,
+                                   old_logp_sampler=mb.old_logp_sampler, behaviour_rows=mb.behaviour_rows,
+                                   eps_high=mb.eps_high, weights=mb.weights)
+            # Clip-Cov's random picks: reproducible, also across a resume
+            seed = self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k
+            gen = torch.Generator().manual_seed(seed % 2**62)
+            loss, m = policy_loss(inp, cfg, generator=gen, **totals)
+            if loss.requires_grad:
+                loss.backward()
+            loss_sum += float(loss.detach())
+            acc.add(m, float(mb.mask.sum()))
+            if epoch == 0:
+                acc.add({"entropy": float((ent * mb.mask).sum() / mb.mask.sum().clamp(min=1))}, float(mb.mask.sum()))
+            del logp, ent, sampler, loss, inp
+        if self.dist is not None:  # the full batch's gradient on every rank, before the clip
+            self.dist.all_reduce_grads(self._params[key])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params[key], cfg.max_grad_norm))
+        opt.step()
+        sched.step()
         self.step += 1
         for r in (self.roles if not self.lora else (role,)):  # full FT: every role's policy just changed
             self.policy_version[r] += 1
         elapsed = time.perf_counter() - t0
-        metrics.update(acc.result())
-        metrics.update(loss=float(np.mean(losses)), grad_norm=float(np.mean(grad_norms)), lr=lr,
-                       tokens=float(n_tokens), micro_batches=float(len(mbs)), time_s=elapsed,
-                       tokens_per_s=n_tokens * cfg.ppo_epochs / elapsed,
+        metrics = {**plan.stats, **acc.result()}
+        metrics.update(loss=loss_sum, grad_norm=grad_norm, lr=lr, tokens=float(plan.n_tokens),
+                       micro_batches=float(len(mbs)), time_s=elapsed, tokens_per_s=plan.n_tokens / elapsed,
                        seq_tokens=float(sum(len(t.prompt_ids) + len(t.completion_ids) for t in trajs)),
                        forward_tokens=float(sum(mb.forward_tokens for mb in mbs)),
-                       policy_version=float(self.policy_version[role]))
+                       policy_version=float(self.policy_version[role]), epoch=float(epoch),
+                       mini_batch=float(index))
         return metrics
 
     # ------------------------------------------------------------------------------------ weights out
@@ -360,6 +413,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class _Plan:
+    """One mini-batch of a rollout batch: its trajectories, micro-batches and batch statistics."""
+
+    trajs: list[Trajectory]
+    n_tokens: int
+    stats: dict[str, float]
+    mbs: list[MicroBatch] = field(default_factory=list)
+    use_is: bool = False
+
+
+def _has_behaviour(t: Trajectory) -> bool:
+    """The engine returned log-probs for this trajectory (an engine without them leaves 0.0 placeholders)."""
+    return not t.meta.get("logprobs_missing") and any(lp != 0.0 for lp, m in zip(t.behaviour_logprobs, t.loss_mask)
+                                                      if m)
+
+
+def _truncation(t: Trajectory) -> tuple[float, int]:
+    """(top_p, top_k) the sampler used; greedy samples (temperature 0) are scored on raw logits, untruncated."""
+    if float(t.meta.get("temperature", 1.0) or 0.0) <= 0:
+        return 1.0, 0
+    return float(t.meta.get("top_p", 1.0)), int(t.meta.get("top_k", 0) or 0)
+
+
 def _temperature(t: Trajectory, default: float | None) -> float:
     temp = t.meta.get("temperature", default)
     return float(temp) if temp is not None and float(temp) > 0 else 1.0  # greedy samples: raw logits
@@ -381,32 +458,11 @@ def _validate(role: str, trajs: list[Trajectory], weights: Sequence[float] | Non
 
 
 def _batch_stats(trajs: list[Trajectory], adv: list[float], version: int) -> dict[str, float]:
+    if not trajs:  # a data-parallel rank's empty share of a mini-batch
+        return {}
     a = np.asarray(adv, dtype=np.float64)
     r = np.asarray([t.reward for t in trajs], dtype=np.float64)
     return {"adv_mean": float(a.mean()), "adv_std": float(a.std()), "adv_min": float(a.min()),
             "adv_max": float(a.max()), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
             "seqs": float(len(trajs)),
             "staleness_mean": float(np.mean([version - t.policy_version for t in trajs]))}
-
-
-class _MetricMean:
-    """Token-weighted means of per-micro-batch metrics; `*_max` keys keep the maximum; `tokens` is dropped."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.weights: dict[str, float] = {}
-        self.maxes: dict[str, float] = {}
-
-    def add(self, metrics: dict[str, float], weight: float) -> None:
-        for k, v in metrics.items():
-            if k == "tokens":
-                continue
-            if k.endswith("_max"):
-                self.maxes[k] = max(self.maxes.get(k, -np.inf), v)
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + v * weight
-                self.weights[k] = self.weights.get(k, 0.0) + weight
-
-    def result(self) -> dict[str, float]:
-        out = {k: s / max(self.weights[k], 1e-12) for k, s in self.sums.items()}
-        return {**out, **self.maxes}

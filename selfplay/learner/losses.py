@@ -28,6 +28,9 @@ class PolicyLossInputs:
     mask: Tensor  # [B, T] 1 = trained token (model-generated), 0 = pad / tool output
     ref_logp: Tensor | None = None  # [B, T] reference policy (base, adapters disabled) for the KL term
     behaviour_logp: Tensor | None = None  # [B, T] rollout engine's logprobs, for truncated IS of stale samples
+    # [B, T] proximal log-probs under the sampler's top-k/top-p (what behaviour_logp measures); None = old_logp
+    old_logp_sampler: Tensor | None = None
+    behaviour_rows: Tensor | None = None  # [B] 1 where behaviour_logp is real; other rows get no IS weight
     eps_high: Tensor | None = None  # [B] per-sequence upper clip (ADPO); None -> cfg.eps_high
     weights: Tensor | None = None  # [B] per-sequence sample weights (staleness down-weighting)
 
@@ -214,6 +217,7 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
                                   1.0 + eps_high + torch.zeros_like(ratio))
     pg_clip = -adv * clipped_ratio
     metrics: dict[str, Tensor | float] = {  # tensors until the end: one device sync, not one per metric
+        "clip_frac": mmean(pg_clip > pg_unclipped),  # verl pg_clipfrac: the clip bounds this token's term
         "clip_frac_low": mmean((ratio < 1.0 - cfg.eps_low) & (adv < 0)),
         "clip_frac_high": mmean((ratio > 1.0 + eps_high) & (adv > 0)),
         "ratio_mean": mmean(ratio),
@@ -246,10 +250,17 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
             metrics["clip_cov_frac"] = k / n_tok
 
     if beh_logp is not None and cfg.tis_cap is not None:
-        w_is = truncated_is_weight(old, beh_logp, cfg.tis_cap)
-        metrics["is_weight_mean"] = mmean(w_is)
-        metrics["is_weight_max"] = mmax(w_is)
-        metrics["is_truncated_frac"] = mmean(w_is >= cfg.tis_cap)
+        # like with like: the engine's log-probs are those of its truncated (top-k/top-p) distribution, so the
+        # proximal side is scored under the same truncation (docs/losses.md)
+        prox = old if inp.old_logp_sampler is None else torch.where(valid, inp.old_logp_sampler.detach(), zero)
+        is_tok = valid if inp.behaviour_rows is None else valid & (inp.behaviour_rows.view(B, 1) > 0)
+        w_is = torch.where(is_tok, truncated_is_weight(prox, beh_logp, cfg.tis_cap), torch.ones_like(prox))
+        n_is = is_tok.to(logp.dtype).sum()
+        if bool(is_tok.any()):
+            metrics["is_weight_mean"] = (w_is * is_tok).sum() / n_is
+            metrics["is_weight_max"] = w_is.masked_fill(~is_tok, -torch.inf).max()
+            metrics["is_truncated_frac"] = ((w_is >= cfg.tis_cap) & is_tok).to(logp.dtype).sum() / n_is
+        metrics["is_tokens_frac"] = n_is / n_tok  # tokens that had behaviour log-probs to correct against
         pg = pg * w_is
 
     per_token = pg

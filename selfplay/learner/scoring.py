@@ -35,6 +35,8 @@ class MicroBatch:
     labels: Tensor  # [n] the trained tokens, row-major
     temperature: Tensor  # [n] sampling temperature of each trained token's sequence
     mask: Tensor  # [b, T] 1.0 where a completion token is trained
+    top_p: Tensor | None = None  # [n] the sampler's top-p per trained token (None: no truncation anywhere)
+    top_k: Tensor | None = None  # [n] the sampler's top-k (0 = off)
     input_ids: Tensor | None = None
     score_pos: Tensor | None = None
     prompt_ids: Tensor | None = None
@@ -46,8 +48,10 @@ class MicroBatch:
     weights: Tensor | None = None  # [b]
     eps_high: Tensor | None = None  # [b]
     behaviour_logp: Tensor | None = None  # [b, T]
+    behaviour_rows: Tensor | None = None  # [b] 1.0 where the engine returned behaviour log-probs
     ref_logp: Tensor | None = None
     old_logp: Tensor | None = None
+    old_logp_sampler: Tensor | None = None  # [b, T] proximal log-probs under the sampler's truncation
 
     @property
     def forward_tokens(self) -> int:
@@ -90,7 +94,9 @@ def pack_micro_batches(lengths: Sequence[int], max_tokens: int,
 
 
 def build_micro_batches(trajs: Sequence[Trajectory], temps: Sequence[float], max_tokens: int,
-                        device: torch.device, share_prompts: bool) -> list[MicroBatch]:
+                        device: torch.device, share_prompts: bool,
+                        truncation: Sequence[tuple[float, int]] | None = None) -> list[MicroBatch]:
+    """Micro-batches of `trajs`; `truncation[i]` = (top_p, top_k) the sampler used for trajectory i."""
     lengths = [len(t.prompt_ids) + len(t.completion_ids) for t in trajs]
     groups = None
     if share_prompts:
@@ -109,6 +115,9 @@ def build_micro_batches(trajs: Sequence[Trajectory], temps: Sequence[float], max
         distinct = list(dict.fromkeys(tuple(trajs[i].prompt_ids) for i in rows))
         fields = (_shared_inputs if share_prompts and len(distinct) < len(rows) else _plain_inputs)(
             [trajs[i] for i in rows], mask.astype(bool), distinct)
+        if truncation is not None:
+            fields["top_p"] = np.repeat(np.asarray([truncation[i][0] for i in rows], dtype=np.float32), counts)
+            fields["top_k"] = np.repeat(np.asarray([truncation[i][1] for i in rows], dtype=np.int64), counts)
         mb = MicroBatch(rows=rows, temperature=torch.from_numpy(temp).to(device),
                         mask=torch.from_numpy(mask).to(device),
                         **{k: torch.from_numpy(v).to(device) for k, v in fields.items()})
@@ -168,13 +177,17 @@ class ChunkedTokenLogprob(torch.autograd.Function):
     `chunk` tokens at a time. With more than one chunk, backward recomputes each chunk's logits, so peak
     memory is O(chunk x vocab) instead of O(tokens x vocab) for the logits, their softmax and their gradient
     (TRL's fused LM head and Liger's fused linear cross-entropy do the same); a single chunk keeps its
-    softmax instead (no recompute). Entropy is a metric: it carries no gradient."""
+    softmax instead (no recompute). Entropy is a metric: it carries no gradient. With `top_p`/`top_k` (per
+    token), a third output holds log p(label) under the sampler's truncation (`nucleus_logprob`), no gradient;
+    without them it is `logp` again."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temps, chunk: int, softcap: float | None, dtype, entropy: bool):
+    def forward(ctx, hidden, weight, bias, labels, temps, chunk: int, softcap: float | None, dtype, entropy: bool,
+                top_p=None, top_k=None):
         n, acc = hidden.shape[0], _acc_dtype(weight, dtype)
         logp = hidden.new_empty(n, dtype=acc)
         ent = hidden.new_zeros(n, dtype=acc)
+        trunc = None if top_p is None else hidden.new_empty(n, dtype=acc)
         kept = (None, None)
         for s in range(0, n, chunk):
             z, tanh = _chunk_logits(hidden[s:s + chunk], weight, bias, temps[s:s + chunk], softcap, dtype)
@@ -183,15 +196,18 @@ class ChunkedTokenLogprob(torch.autograd.Function):
             logp[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - logz
             if entropy:
                 ent[s:s + chunk] = logz - (probs * z).sum(-1)
+            if trunc is not None:
+                trunc[s:s + chunk] = nucleus_logprob(z, labels[s:s + chunk], top_p[s:s + chunk], top_k[s:s + chunk])
             if n <= chunk and any(ctx.needs_input_grad[:3]):
                 kept = (probs, tanh)
         ctx.save_for_backward(hidden, weight, bias, labels, temps, *kept)
         ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
-        ctx.mark_non_differentiable(ent)
-        return logp, ent
+        trunc = logp.detach().clone() if trunc is None else trunc
+        ctx.mark_non_differentiable(ent, trunc)
+        return logp, ent, trunc
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, g_trunc):
         hidden, weight, bias, labels, temps, kept_probs, kept_tanh = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         dtype = ctx.dtype or weight.dtype
@@ -218,7 +234,70 @@ class ChunkedTokenLogprob(torch.autograd.Function):
             if want_b:
                 gb += dz.sum(0)
         return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
+
+
+NUCLEUS_FAST_K = 256  # candidates read with topk before falling back to a full sort of the row
+
+
+@torch.no_grad()
+def nucleus_logprob(z: Tensor, labels: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
+    """log p(label) under the sampler's truncation: temperature-scaled logits `z` [c, V], then top-k, then
+    top-p, renormalised over the kept tokens; -inf for a label outside them. The rule is vLLM's sampler
+    (v1/sample/ops/topk_topp_sampler; selfplay/engines/sampling.py reproduces it for the hf engine): a token
+    is kept when the probability mass strictly above it is < top_p (the top token always). The kept set is
+    found among the `NUCLEUS_FAST_K` most likely tokens (a topk, ~30x cheaper than sorting the vocabulary);
+    rows whose nucleus is larger are sorted in full."""
+    c, V = z.shape
+    out = z.gather(-1, labels[:, None]).squeeze(-1) - z.logsumexp(-1)  # rows without truncation
+    trunc = (top_p < 1.0) | ((top_k > 0) & (top_k < V))
+    if not bool(trunc.any()):
+        return out
+    rows = trunc.nonzero().squeeze(1)
+    K = min(V, NUCLEUS_FAST_K)
+    vals = z[rows].topk(K, dim=-1).values  # descending
+    fits = _nucleus_fits(z[rows], vals, top_p[rows], top_k[rows])
+    slow = rows[~fits]
+    if slow.numel():
+        full = z[slow].sort(dim=-1, descending=True).values
+        res = _nucleus_from_sorted(z[slow], full, labels[slow], top_p[slow], top_k[slow], z[slow].logsumexp(-1))
+        out[slow] = res
+    fast = rows[fits]
+    if fast.numel():
+        out[fast] = _nucleus_from_sorted(z[fast], vals[fits], labels[fast], top_p[fast], top_k[fast],
+                                         z[fast].logsumexp(-1))
+    return out
+
+
+def _nucleus_fits(z: Tensor, top_vals: Tensor, top_p: Tensor, top_k: Tensor) -> Tensor:
+    """Rows whose kept set lies inside the `top_vals` candidates."""
+    K = top_vals.shape[1]
+    k_on = (top_k > 0) & (top_k < z.shape[1])
+    if K == z.shape[1]:
+        return torch.ones_like(top_p, dtype=torch.bool)
+    mass = (top_vals - z.logsumexp(-1, keepdim=True)).exp()  # full-softmax mass of each candidate
+    within_k = k_on & (top_k <= K)
+    # with top-k inside the candidates, top-p acts on the top-k renormalised mass: always resolvable
+    return within_k | (~k_on & (mass.sum(-1) >= top_p))
+
+
+def _nucleus_from_sorted(z: Tensor, vals: Tensor, labels: Tensor, top_p: Tensor, top_k: Tensor,
+                         logz_full: Tensor) -> Tensor:
+    """`vals` [r, K] holds each row's K largest logits, descending, and contains the whole kept set."""
+    K = vals.shape[1]
+    pos = torch.arange(K, device=vals.device)[None, :]
+    k_on = (top_k > 0) & (top_k < z.shape[1])
+    in_k = ~k_on[:, None] | (pos < top_k[:, None])
+    # top-k first: renormalise over the top-k (vLLM applies top-k, then top-p on what is left)
+    logz_k = torch.where(k_on, vals.masked_fill(~in_k, -torch.inf).logsumexp(-1), logz_full)
+    p = (vals - logz_k[:, None]).exp().masked_fill(~in_k, 0.0)
+    above = p.cumsum(-1) - p  # mass strictly above each candidate
+    keep = in_k & (above < top_p[:, None])
+    keep[:, 0] = True
+    logz = vals.masked_fill(~keep, -torch.inf).logsumexp(-1)
+    threshold = vals.masked_fill(~keep, torch.inf).min(-1).values
+    z_label = z.gather(-1, labels[:, None]).squeeze(-1)
+    return torch.where(z_label >= threshold, z_label - logz, torch.full_like(z_label, -torch.inf))
 
 
 def _acc_dtype(weight: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -240,18 +319,21 @@ def _chunk_logits(h, weight, bias, temps, softcap, dtype):
 
 
 def token_logprobs(hf_model, mb: MicroBatch, *, autocast, head_dtype: torch.dtype | None = None,
-                   softcap: float | None = None, entropy: bool = False,
-                   chunk_elements: int = 2**26) -> tuple[Tensor, Tensor]:
-    """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, and entropies
-    (zeros unless asked). The LM head runs in `head_dtype` (None: the weight's) in chunks of
-    `chunk_elements // vocab` tokens (2**26 fp32 = 256 MB per buffer)."""
+                   softcap: float | None = None, entropy: bool = False, sampler: bool = False,
+                   chunk_elements: int = 2**26) -> tuple[Tensor, Tensor, Tensor]:
+    """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, entropies
+    (zeros unless asked) and, with `sampler`, log-probs under the sampler's top-k/top-p truncation
+    (`mb.top_p`/`mb.top_k`; else a copy of the first). The LM head runs in `head_dtype` (None: the
+    weight's) in chunks of `chunk_elements // vocab` tokens (2**26 fp32 = 256 MB per buffer)."""
     with autocast():
         hidden = trained_hidden_states(hf_model, mb)  # [n, H]
     head = hf_model.get_output_embeddings()
     chunk = max(16, chunk_elements // head.weight.shape[0])
-    flat, flat_ent = ChunkedTokenLogprob.apply(hidden, head.weight, head.bias, mb.labels, mb.temperature, chunk,
-                                               softcap, head_dtype, entropy)
+    top_p, top_k = (mb.top_p, mb.top_k) if sampler and mb.top_p is not None else (None, None)
+    flat, flat_ent, flat_trunc = ChunkedTokenLogprob.apply(hidden, head.weight, head.bias, mb.labels, mb.temperature,
+                                                           chunk, softcap, head_dtype, entropy, top_p, top_k)
     sel = mb.mask.bool()
     logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
     ent = flat_ent.new_zeros(mb.mask.shape).masked_scatter(sel, flat_ent)
-    return logp, ent
+    trunc = flat_trunc.new_zeros(mb.mask.shape).masked_scatter(sel, flat_trunc)
+    return logp, ent, trunc

@@ -147,6 +147,11 @@ class VerifierActor(_Busy):
         return [None if self.verifier.extract(t) is None else self.verifier.matches(t, ref)
                 for t, ref in zip(texts, references)]
 
+    @busy
+    def same_many(self, a: list[str], b: list[str]) -> list[bool]:
+        """Equivalence of answer pairs (the Agent0 agreement gate: proposer's answer vs the majority's)."""
+        return [self.verifier.same(x, y) for x, y in zip(a, b)]
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -200,6 +205,27 @@ class LearnerActor(_Busy):
             return {}, {}
         metrics = self.learner.train_step(role, trajectories, weights, keep_advantage=keep_advantage)
         return metrics, dict(self.learner.last_advantages)
+
+    @busy
+    def train_parts(self, role: str, trajectories: list, weights: list[float] | None,
+                    keep_advantage: list[bool] | None, parts: list[list[int]]
+                    ) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """This rank's share of every mini-batch of a batch (run/ranks.py); with nothing at all to train on,
+        it still takes part in every step's collectives."""
+        if not trajectories:
+            for _ in range(self.learner.cfg.ppo_epochs * len(parts)):
+                self.learner.dist.idle_steps(self.learner, role, 1)
+            return [], {}
+        steps = self.learner.train_batch(role, trajectories, weights, keep_advantage=keep_advantage, parts=parts)
+        return steps, dict(self.learner.last_advantages)
+
+    @busy
+    def train_batch(self, role: str, trajectories: list, weights: list[float] | None = None,
+                    keep_advantage: list[bool] | None = None, updates: int = 1
+                    ) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """Per-step metrics of `updates` mini-batch steps on the batch, and the advantages they used."""
+        steps = self.learner.train_batch(role, trajectories, weights, keep_advantage=keep_advantage, updates=updates)
+        return steps, dict(self.learner.last_advantages)
 
     @busy
     def export(self, role: str, out_dir: str):

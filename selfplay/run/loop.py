@@ -11,6 +11,7 @@ Steps talk to Ray actor handles (selfplay/run/actors.py); the math lives in role
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import Counter
@@ -24,11 +25,13 @@ from roles.proposer_reward import score_batch
 from selfplay.config import RunConfig
 from selfplay.telemetry.metrics import TaskRecord, TrajectoryRecord
 from selfplay.data.replay import ReplayBuffer
+from selfplay.learner.batches import summarise_steps
 from selfplay.run.rundir import record_published
 from selfplay.run.rundir import RunDir
 from selfplay.data.task_pool import PoolTask, TaskPool
 from selfplay.types import Trajectory
 
+log = logging.getLogger(__name__)
 SANDBOX_STATUSES = ("ok", "error", "timeout", "memory_limit", "output_limit", "killed", "sandbox_error")
 
 
@@ -143,7 +146,15 @@ def reward_proposals(ctx: Context, proposals: list, rollouts: dict, votes: dict)
     questions = [p.task.question if p.task.ok else None for p in proposals]
     p_hats = [votes[p.task_id].p_hat if p.task_id in votes else None for p in proposals]
     tools = [[r.n_tool_calls for r in rollouts.get(p.task_id, [])] for p in proposals]
-    return score_batch(questions, p_hats, tools, ctx.cfg.proposer)
+    agrees: list[bool | None] = [None] * len(proposals)
+    if ctx.cfg.proposer.require_agreement:  # Agent0's gate: is the majority answer the proposer's own?
+        pairs = [(i, p.task.answer, votes[p.task_id].label) for i, p in enumerate(proposals)
+                 if p.task.ok and p.task.answer and p.task_id in votes and votes[p.task_id].label is not None]
+        if pairs:
+            same = ray.get(ctx.actors.verifier.same_many.remote([a for _, a, _ in pairs], [b for *_, b in pairs]))
+            for (i, _, _), ok in zip(pairs, same):
+                agrees[i] = ok
+    return score_batch(questions, p_hats, tools, ctx.cfg.proposer, agrees)
 
 
 def admit(ctx: Context, iteration: int, proposals: list, votes: dict) -> tuple[list[PoolTask], dict[str, str]]:
@@ -191,7 +202,8 @@ def practice(ctx: Context, iteration: int, scalars: dict[str, float],
         reward = vc.format_penalty if verdict is None else vc.correct_reward if verdict else vc.wrong_reward
         t = r.to_trajectory(reward, p_hat=by_id[r.task_id].p_hat, policy_version=ctx.versions["executor"],
                             group_id=f"{iteration}:{r.task_id}")
-        t.meta.update(iteration=iteration, correct=verdict, temperature=cfg.executor.temperature)
+        t.meta.update(iteration=iteration, correct=verdict, temperature=cfg.executor.temperature,
+                      top_p=cfg.executor.top_p)
         trajs.append(t)
         rollouts.append(r)
     answered = [v for v in verdicts if v is not None]
@@ -202,36 +214,55 @@ def practice(ctx: Context, iteration: int, scalars: dict[str, float],
     return trajs, rollouts
 
 
-def learn(ctx: Context, role: str, updates: int) -> tuple[Any, list[list[str]]]:
-    """Step 6a: start `updates` learner steps for `role` on replay groups; returns the pending future (the
-    caller overlaps it with other work) and the trajectory ids each step trains on."""
-    futures, batches = [], []
-    version = ctx.versions[role]
-    # One step trains on one iteration's worth of groups; further steps take what is left (staleness-bound).
-    groups = ctx.cfg.proposer.candidates_per_iteration if role == "proposer" else ctx.cfg.executor.tasks_per_iteration
-    for _ in range(updates):
-        batch = ctx.replay.sample(role, max_groups=groups, current_version=version)
-        if not len(batch):
-            break
-        # self-imitation replays keep their stored advantage; fresh groups get theirs computed by the learner
-        futures.append(ctx.actors.learner.train_step.remote(role, batch.trajectories, batch.weights,
-                                                            batch.replayed))
-        batches.append(batch.ids)
-        version += 1
-        ctx.replay.mark_consumed(batch.ids, version)
-    return futures, batches
+@dataclass
+class Learning:
+    """A role's update in flight: the learner call (None when there was nothing to train on), the ids it
+    trains on, and the optimizer steps the config asked for."""
+
+    role: str
+    future: Any
+    ids: list[str]
+    requested: int
 
 
-def finish_learning(ctx: Context, role: str, futures: list, scalars: dict[str, float]) -> None:
+def learn(ctx: Context, role: str, updates: int) -> Learning:
+    """Step 6a: one iteration's worth of replay groups for `role`, trained by the learner as `updates`
+    mini-batches of whole groups, one optimizer step each, for `learner.ppo_epochs` passes (verl's batch
+    semantics: the steps after the first train on data their policy did not sample, so the clip acts).
+    Returns the pending call: the caller overlaps it with other work."""
+    cfg = ctx.cfg
+    requested = updates * cfg.learner.ppo_epochs
+    if updates == 0:
+        return Learning(role, None, [], 0)
+    groups = cfg.proposer.candidates_per_iteration if role == "proposer" else cfg.executor.tasks_per_iteration
+    batch = ctx.replay.sample(role, max_groups=groups, current_version=ctx.versions[role])
+    if not len(batch):
+        return Learning(role, None, [], requested)
+    # self-imitation replays keep their stored advantage; fresh groups get theirs computed by the learner
+    future = ctx.actors.learner.train_batch.remote(role, batch.trajectories, batch.weights, batch.replayed, updates)
+    n_groups = len({t.group_id for t in batch.trajectories})
+    ctx.replay.mark_consumed(batch.ids, ctx.versions[role] + min(updates, n_groups) * cfg.learner.ppo_epochs)
+    return Learning(role, future, batch.ids, requested)
+
+
+def finish_learning(ctx: Context, pending: Learning, scalars: dict[str, float]) -> None:
     """Step 6b: wait for the role's updates, publish its new adapter to the rollout engine."""
-    if not futures:
+    role = pending.role
+    if pending.future is None:
+        if pending.requested:  # asked for steps, had no data: say so (learner/<role>/steps = 0)
+            scalars[f"learner/{role}/steps"] = 0.0
+            scalars[f"learner/{role}/steps_requested"] = float(pending.requested)
         return
     with timed(scalars, f"learn_{role}"):
-        results = ray.get(futures)
-    for k, v in results[-1][0].items():
+        steps, advantages = ray.get(pending.future)
+    summary = summarise_steps(steps, pending.requested)
+    if summary["steps"] < pending.requested:
+        log.warning("learner/%s: %d of %d requested optimizer steps ran (the batch had fewer groups than "
+                    "loop.%s_updates, or no trained tokens)", role, summary["steps"], pending.requested, role)
+    for k, v in summary.items():
         scalars[f"learner/{role}/{k}"] = float(v)
     # stored advantages are what self-imitation ranks by (replay.self_imitation_min_advantage)
-    ctx.replay.set_advantages({i: a for _, advantages in results for i, a in advantages.items()})
+    ctx.replay.set_advantages(advantages)
     ctx.versions.update(ray.get(ctx.actors.learner.versions.remote()))
     with timed(scalars, "weight_sync"):
         out_dir = ctx.rd.adapters / role / f"v{ctx.versions[role]:06d}"
@@ -259,25 +290,24 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
             proposer_trajs = []
             for p, r in zip(proposals, rewards):
                 t = p.to_trajectory(r, policy_version=ctx.versions["proposer"])
-                t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature)
+                t.meta.update(iteration=iteration, temperature=cfg.proposer.temperature, top_p=cfg.proposer.top_p)
                 proposer_trajs.append(t)
             ctx.replay.add(proposer_trajs)
             admitted, reasons = admit(ctx, iteration, proposals, votes)
         # The proposer's update touches only its adapter: it runs on the learner while the executor practises.
-        proposer_futures, _ = learn(ctx, "proposer", cfg.loop.proposer_updates)
+        proposer_learning = learn(ctx, "proposer", cfg.loop.proposer_updates)
     if not cfg.loop.overlap:
         with stage(ctx, iteration, "learn_proposer"):
-            finish_learning(ctx, "proposer", proposer_futures, s)
+            finish_learning(ctx, proposer_learning, s)
     with stage(ctx, iteration, "practice"):
         executor_trajs, practice_rollouts = practice(ctx, iteration, s)
         check_sandbox(ctx, list(rollouts.values()) + [practice_rollouts])
         ctx.replay.add(executor_trajs)
     if cfg.loop.overlap:
         with stage(ctx, iteration, "learn_proposer"):
-            finish_learning(ctx, "proposer", proposer_futures, s)
+            finish_learning(ctx, proposer_learning, s)
     with stage(ctx, iteration, "learn_executor"):
-        executor_futures, _ = learn(ctx, "executor", cfg.loop.executor_updates)
-        finish_learning(ctx, "executor", executor_futures, s)
+        finish_learning(ctx, learn(ctx, "executor", cfg.loop.executor_updates), s)
 
     _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
                executor_trajs)
@@ -373,6 +403,7 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
     ok_rewards = [r for r in rewards if r.format_ok]
     for part in ("uncertainty", "tool", "repetition"):
         s[f"proposer/reward/{part}"] = sum(getattr(r, part) for r in ok_rewards) / max(1, len(ok_rewards))
+    s["proposer/reward/agreement_gate"] = sum(r.gated for r in rewards) / n  # share the Agent0 gate zeroed
     all_rollouts = [r for g in rollouts.values() for r in g] + list(practice_rollouts)
     statuses = Counter(st for r in all_rollouts for st in r.statuses)
     for st in SANDBOX_STATUSES:
@@ -404,7 +435,7 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
             pseudo_label=vote.label if vote else None, p_hat=vote.p_hat if vote else None,
             proposer_reward=r.total,
             reward_components={"uncertainty": r.uncertainty, "tool": r.tool, "repetition": r.repetition,
-                               "format_ok": r.format_ok},
+                               "format_ok": r.format_ok, "gated": r.gated},
             agreement=agreement, n_samples=len(group),
             mean_tool_calls=(sum(x.n_tool_calls for x in group) / len(group)) if group else None,
             accepted=p.task_id in admitted_ids, reject_reason=reasons.get(p.task_id),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import ray
 
+from selfplay.learner.batches import split_groups
 from selfplay.learner.distributed import merge_metrics, shard_groups
 
 
@@ -23,6 +24,17 @@ def _merge(*results: tuple[dict, dict]) -> tuple[dict, dict]:
     for _, adv in results:
         advantages.update(adv)
     return merge_metrics([m for m, _ in results]), advantages
+
+
+@ray.remote(num_cpus=0)
+def _merge_steps(*results: tuple[list[dict], dict]) -> tuple[list[dict], dict]:
+    """Every rank's per-step metrics merged step by step (all ranks took the same steps), and the advantages."""
+    advantages: dict[str, float] = {}
+    for _, adv in results:
+        advantages.update(adv)
+    n = max(len(steps) for steps, _ in results)
+    merged = [merge_metrics([steps[j] for steps, _ in results if j < len(steps)]) for j in range(n)]
+    return [m or {"skipped": 1.0} for m in merged], advantages
 
 
 @ray.remote(num_cpus=0)
@@ -41,6 +53,7 @@ class LearnerGroup:
         self.ppo_epochs = ppo_epochs
         lead = ranks[0]
         self.train_step = _Call(self._train_step)
+        self.train_batch = _Call(self._train_batch)
         self.export = _Call(lambda role, out_dir: lead.export.remote(role, out_dir))
         self.save_checkpoint = _Call(lambda root: lead.save_checkpoint.remote(root))
         self.versions = _Call(lambda: lead.versions.remote())
@@ -63,6 +76,27 @@ class LearnerGroup:
                 role, [trajectories[i] for i in ix], None if weights is None else [weights[i] for i in ix],
                 None if keep_advantage is None else [keep_advantage[i] for i in ix], self.ppo_epochs))
         return _merge.remote(*refs)
+
+    def _train_batch(self, role: str, trajectories: list, weights: list[float] | None = None,
+                     keep_advantage: list[bool] | None = None, updates: int = 1):
+        """`updates` mini-batches of whole groups (Learner.train_batch), each sharded over the ranks; every
+        rank gets its share of every mini-batch (maybe empty), so all ranks take the same optimizer steps."""
+        parts = split_groups(trajectories, updates)
+        per_rank: list[list[list[int]]] = [[[] for _ in parts] for _ in self.ranks]
+        for j, part in enumerate(parts):
+            for r, ix in enumerate(shard_groups([trajectories[i] for i in part], len(self.ranks))):
+                per_rank[r][j] = [part[i] for i in ix]
+        refs = []
+        for rank, rparts in zip(self.ranks, per_rank):
+            rows = [i for p in rparts for i in p]
+            local, k = [], 0
+            for p in rparts:
+                local.append(list(range(k, k + len(p))))
+                k += len(p)
+            refs.append(rank.train_parts.remote(
+                role, [trajectories[i] for i in rows], None if weights is None else [weights[i] for i in rows],
+                None if keep_advantage is None else [keep_advantage[i] for i in rows], local))
+        return _merge_steps.remote(*refs)
 
     def kill(self) -> None:
         for r in self.ranks:
