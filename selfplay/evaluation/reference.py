@@ -76,9 +76,11 @@ def reference_items(ref: ReferenceConfig) -> list[BenchmarkItem]:
 
 
 def evaluation_questions(cfg: RunConfig) -> list[str]:
-    """Questions a run evaluates on: `eval.benchmark` (when set) and the default generated benchmark."""
+    """Questions a run evaluates on: the default generated benchmark, and `eval.benchmark` in reference mode
+    (only training must avoid them: a self-play run's probes are never trained on, so it does not load a
+    possibly remote benchmark just for them)."""
     questions = [r["question"] for r in generate_benchmark(GENERATED_SIZE, seed=0)]
-    if cfg.eval.benchmark:
+    if cfg.eval.benchmark and cfg.loop.mode == "reference":
         bench = load_benchmark(cfg.eval.benchmark, fields=cfg.eval.fields, limit=cfg.eval.limit)
         questions += [it.question for it in bench.items]
     return questions
