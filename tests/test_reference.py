@@ -61,10 +61,10 @@ def test_known_tasks_are_disjoint_from_the_evaluation_benchmark(tmp_path):
     assert all(it.meta["level"] == 1 for it in known.train)
     # an evaluation set that cannot be loaded (offline hub set, missing file) stops a reference run before
     # it trains on evaluation items; a self-play run's probes never train, so it does not need it
-    missing = f"eval.benchmark={tmp_path / 'gone.jsonl'}"
+    missing = [f"eval.benchmark={tmp_path / 'gone.jsonl'}", "reference.levels=[1, 2]"]
     with pytest.raises(ValueError, match="gone.jsonl"):
-        known_tasks(load_config(None, ["loop.mode=reference", missing]))
-    assert known_tasks(load_config(None, [missing])).probes
+        known_tasks(load_config(None, ["loop.mode=reference", *missing]))
+    assert known_tasks(load_config(None, missing)).probes
     # a source with no usable task is an error naming the section
     cfg = load_config(None, ["loop.mode=reference", f"reference.source={path}", f"eval.benchmark={path}"])
     with pytest.raises(ValueError, match="reference.source"):

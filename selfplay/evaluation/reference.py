@@ -89,7 +89,8 @@ def evaluation_questions(cfg: RunConfig) -> list[str]:
 def known_tasks(cfg: RunConfig) -> KnownTasks:
     """The run's known-answer tasks: training side (reference mode) and probe side (verifier.probes)."""
     ref = cfg.reference
-    known = split_known(reference_items(ref), evaluation_questions(cfg), ref.probe_share, ref.source)
+    held_out = evaluation_questions(cfg)  # first: a missing evaluation set fails before any generation
+    known = split_known(reference_items(ref), held_out, ref.probe_share, ref.source)
     if cfg.loop.mode == "reference" and not known.train:
         raise BenchmarkError(f"reference.source {ref.source}: no training task left after removing "
                              f"{known.excluded} evaluation items and {len(known.probes)} probes")
