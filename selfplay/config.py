@@ -284,6 +284,9 @@ class LoopConfig(Section):
     proposer_updates: int = Field(1, ge=0)  # GRPO steps per iteration
     executor_updates: int = Field(1, ge=0)
     overlap: bool = False  # the proposer's update runs on the learner while the executor practises
+    # async: the rollout side produces iteration i while the learner trains on iteration i-1 (selfplay/run/
+    # pipeline.py), at most replay.max_staleness policy versions behind; sync: one step after the other
+    pipeline: Literal["sync", "async"] = "sync"
     checkpoint_every: int = Field(1, ge=1)
     pool_capacity: int = Field(10000, ge=1)
 
@@ -336,6 +339,15 @@ class RunConfig(Section):
             raise ValueError("learner.advantage=hrpo groups samples by traj.meta['structure'] (Dr. Zero's hop "
                              "count), which no role of this loop records yet; use grpo or drgrpo (hrpo is "
                              "available to Learner.train_step callers that set the structure)")
+        return self
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> "RunConfig":
+        if self.loop.pipeline == "async" and self.loop.mode == "reference":
+            raise ValueError("loop.pipeline=async is for self-play; loop.mode=reference runs synchronously")
+        if self.loop.pipeline == "async" and self.replay.max_staleness < 1:
+            raise ValueError("loop.pipeline=async trains each iteration's rollouts one policy version later: "
+                             "set replay.max_staleness >= 1 (it is 0)")
         return self
 
 

@@ -212,6 +212,11 @@ class ReplayBuffer:
     def is_consumed(self, traj_id: str) -> bool:
         return self._entries[traj_id].consumed_at is not None
 
+    def consumed_at(self, traj_id: str) -> int | None:
+        """The policy version the step that trained on it produced (None: not trained yet); that step started
+        from `consumed_at - 1`, so the sample was `consumed_at - 1 - policy_version` versions old."""
+        return self._entries[traj_id].consumed_at
+
     def stats(self) -> dict[str, Any]:
         by_role: dict[str, dict[str, int]] = {}
         for e in self._entries.values():

@@ -32,12 +32,15 @@ def busy(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0, wall = time.perf_counter(), time.time()
         try:
             return method(self, *args, **kwargs)
         finally:
             self.__dict__.setdefault("_busy", {})
             self._busy[method.__name__] = self._busy.get(method.__name__, 0.0) + time.perf_counter() - t0
+            spans = self.__dict__.setdefault("_spans", [])
+            spans.append((wall, time.time()))
+            del spans[:-4096]  # bounded when nobody reads them (the synchronous loop does not)
 
     return wrapper
 
@@ -47,6 +50,12 @@ class _Busy:
         total = sum(self.__dict__.get("_busy", {}).values())
         self._busy = {}
         return total
+
+    def busy_spans(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock times of the busy calls since the last read: the async pipeline measures
+        how long the learner and the rollout worker worked at the same time (`time/overlap`)."""
+        spans, self._spans = self.__dict__.get("_spans", []), []
+        return spans
 
     def probe(self, root: str, name: str) -> tuple[str, str | None]:
         """Write `root/probes/<name>` for the driver to read back: (this node's address, error or None)."""

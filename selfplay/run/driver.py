@@ -23,7 +23,8 @@ from sandbox.selftest import SandboxSelfTestFailed
 from selfplay.run.actors import Actors, restart_counts
 from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
-from selfplay.run.rundir import RunDir
+from selfplay.run.pipeline import run_async_iteration
+from selfplay.run.rundir import RunDir, rollback_published
 
 log = logging.getLogger("selfplay")
 
@@ -121,6 +122,7 @@ class Driver:
         if self.resume:
             dropped = pool.truncate_after(done)
             replay_dropped = self._rollback_replay(replay, state, done)
+            rollback_published(rd.adapters, state.get("versions") or {})  # before the rollout worker loads them
             store.truncate_after(done)
             rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped)
             console.print(f"resuming after iteration {done} (dropped {dropped} pool tasks of later iterations)")
@@ -141,6 +143,8 @@ class Driver:
             known = self._known_tasks()
             if cfg.loop.mode == "reference":
                 from selfplay.run.reference import run_reference_iteration as iterate
+            elif cfg.loop.pipeline == "async":
+                iterate = run_async_iteration
             if not ray.is_initialized():
                 quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
                 if cfg.ray.address:

@@ -58,7 +58,8 @@ class RolloutFleet:
         self.updates: dict[str, Any] = {}  # role -> the last update (an object ref), re-sent to lagging replicas
         self._revive: dict[int, Any] = {}  # replica -> pending ping of a restarting actor
         self.counters = {"resent_requests": 0.0, "stale_repairs": 0.0, "replica_restarts": 0.0}
-        for name in ("propose", "solve", "update_weights", "evaluate", "busy_seconds", "pid", "versions"):
+        for name in ("propose", "solve", "update_weights", "evaluate", "busy_seconds", "busy_spans", "pid",
+                     "versions"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     def __len__(self) -> int:
@@ -206,6 +207,11 @@ class RolloutFleet:
     def _busy_seconds(self) -> float:
         """Summed over live replicas (parallel replicas can add up to more than the wall time)."""
         return float(sum(ray.get([self.handles[r].busy_seconds.remote() for r in self.router.live])))
+
+    def _busy_spans(self) -> list[tuple[float, float]]:
+        """Every live replica's busy spans (time/overlap merges them: busy = any replica working)."""
+        return [sp for spans in ray.get([self.handles[r].busy_spans.remote() for r in self.router.live])
+                for sp in spans]
 
     def _pid(self) -> list[int]:
         return ray.get([h.pid.remote() for h in self.handles])

@@ -48,6 +48,7 @@ class Context:
     stop_requested: Any = lambda: False  # callable: the driver's signal flag
     on_stage: Any = lambda stage: None  # callable: the driver's progress display
     known: Any = None  # KnownTasks (selfplay/evaluation/reference.py): reference-mode tasks and the probes
+    inflight: dict = field(default_factory=dict)  # async pipeline (pipeline.py): learner steps in flight per role
 
 
 class Scalars(dict):

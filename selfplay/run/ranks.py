@@ -59,6 +59,7 @@ class LearnerGroup:
         self.versions = _Call(lambda: lead.versions.remote())
         self.pid = _Call(lambda: lead.pid.remote())
         self.busy_seconds = _Call(lambda: _max.remote(*[r.busy_seconds.remote() for r in ranks]))
+        self.busy_spans = _Call(lambda: lead.busy_spans.remote())  # ranks step in lockstep: rank 0's spans
 
     @classmethod
     def form(cls, ranks: list[Any], ppo_epochs: int = 1) -> "LearnerGroup":

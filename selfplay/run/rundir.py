@@ -132,3 +132,15 @@ def record_published(adapters_dir: str | os.PathLike, role: str, path: str, vers
     data = published_adapters(adapters_dir)
     data[role] = {"path": str(path), "version": int(version)}
     write_atomic(Path(adapters_dir) / PUBLISHED, json.dumps(data, indent=1))
+
+
+def rollback_published(adapters_dir: str | os.PathLike, versions: dict[str, int]) -> list[str]:
+    """Forget adapters published after the commit (`versions`: the committed policy versions), so a resumed
+    rollout worker starts on the committed policy, not on a lost step's (the base model at version 0; the
+    async pipeline publishes between commits). Returns the roles forgotten."""
+    data = published_adapters(adapters_dir)
+    lost = [role for role, info in data.items() if int(info["version"]) > int(versions.get(role, 0))]
+    if lost:
+        write_atomic(Path(adapters_dir) / PUBLISHED, json.dumps({r: i for r, i in data.items() if r not in lost},
+                                                                indent=1))
+    return lost
