@@ -122,6 +122,35 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
+class PeakRSS:
+    """Peak resident memory of this process inside a window, sampled every 5 ms by a thread (ru_maxrss only
+    knows the process's all-time peak, and both sides run in this one process). `start()` opens a window;
+    `stop()` returns (peak RSS, rise over the RSS at start) in GB."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self.peak = self.now()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def now(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.005)
+
+    def start(self) -> None:
+        self.base = self.peak = self.now()
+
+    def stop(self) -> tuple[float, float]:
+        peak = max(self.peak, self.now())
+        return peak / 2**30, (peak - self.base) / 2**30
+
+
 def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
@@ -202,20 +231,26 @@ def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
                               task_type="CAUSAL_LM")
     times: dict[str, list[float]] = {"trl_s": [], "ours_s": []}
     tokens: dict[str, list[int]] = {"trl": [], "ours": []}
+    rss: dict[str, list[tuple[float, float]]] = {"trl": [], "ours": []}
+    meter = PeakRSS()
 
     class Interleave(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
+            meter.start()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
             times["trl_s"].append(time.perf_counter() - self.t0)
+            rss["trl"].append(meter.stop())
             lengths = trainer._metrics["train"]["completions/mean_length"]
             tokens["trl"].append(int(round(lengths[-1] * len(prompts) * G)))
+            meter.start()
             dt, n = ours_step()
+            rss["ours"].append(meter.stop())
             times["ours_s"].append(dt)
             tokens["ours"].append(n)
 
@@ -231,12 +266,17 @@ def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
         t, n = times[f"{side}_s"][w:], tokens[side][w:]
         out[side] = {"step_s_median": statistics.median(t), "tokens_per_step": statistics.mean(n),
                      "tokens_per_s": statistics.median(k / s for k, s in zip(n, t)),
-                     "step_s_all": [round(s, 3) for s in t]}
+                     "step_s_all": [round(s, 3) for s in t],
+                     # process RSS (both models live in it) at the step's peak, and the rise the step caused
+                     "peak_rss_gb_max": max(p for p, _ in rss[side][w:]),
+                     "rss_rise_gb_median": statistics.median(r for _, r in rss[side][w:])}
     out["speedup_tokens_per_s"] = out["ours"]["tokens_per_s"] / out["trl"]["tokens_per_s"]
     label = "rollout+update" if rollout else "update"
     print(f"[{label}] ours {out['ours']['tokens_per_s']:.1f} tok/s ({out['ours']['step_s_median']:.2f} s/step), "
           f"TRL {out['trl']['tokens_per_s']:.1f} tok/s ({out['trl']['step_s_median']:.2f} s/step): "
-          f"ratio {out['speedup_tokens_per_s']:.2f}x", flush=True)
+          f"ratio {out['speedup_tokens_per_s']:.2f}x; peak RSS per step ours {out['ours']['peak_rss_gb_max']:.2f} GB "
+          f"(+{out['ours']['rss_rise_gb_median']:.2f}), TRL {out['trl']['peak_rss_gb_max']:.2f} GB "
+          f"(+{out['trl']['rss_rise_gb_median']:.2f})", flush=True)
     return out
 
 
