@@ -39,8 +39,7 @@ def run_reference_iteration(ctx: Context, iteration: int) -> IterationResult:
         check_sandbox(ctx, [rollouts])
         ctx.replay.add(trajs)
     with stage(ctx, iteration, "learn_executor"):
-        futures, _ = learn(ctx, "executor", ctx.cfg.loop.executor_updates)
-        finish_learning(ctx, "executor", futures, s)
+        finish_learning(ctx, learn(ctx, "executor", ctx.cfg.loop.executor_updates), s)
 
     s["reference/train_tasks"] = float(len(ctx.known.train))
     statuses = Counter(st for r in rollouts for st in r.statuses)
