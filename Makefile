@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/debug.yaml
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install run test test-fast bench dashboard-demo browser doctor clean
+.PHONY: install run test test-fast test-gpu bench bench-speed bench-selfplay-run bench-eval bench-learning dashboard-demo browser doctor clean
 
 # GPU=1 when `nvidia-smi -L` lists a GPU (override: make run GPU=0). The venv remembers which build it
 # holds (.installed-gpu / .installed-cpu) and is rebuilt when that changes: the CPU and CUDA vLLM wheels are
@@ -56,11 +56,42 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+# What only a GPU runs (tests/gpu: bf16 autocast, vLLM on CUDA with LoRA, multi-rank learners); needs a CUDA
+# build of torch (and `selfplay[vllm]` for the vLLM test) in the venv. Without a GPU each test skips, saying why.
+test-gpu: install
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
+
+# Every benchmark BENCHMARKS.md cites, section by section (hours on 2 CPU cores; each target runs alone too).
+BENCH_RUNS ?= runs/bench
+SELFPLAY := $(VENV)/bin/selfplay
+bench: bench-speed bench-eval bench-learning
+
+bench-speed: install
 	$(PY) bench/sandbox.py
 	$(PY) bench/rollout.py
 	$(PY) bench/learner.py
-	$(PY) bench/iteration.py
+	$(PY) bench/bench_replay.py
+	$(PY) bench/scale.py
+	$(PY) bench/iteration.py engine.backend=hf loop.iterations=1
+	$(PY) bench/iteration.py engine.backend=vllm loop.iterations=1
+
+# The 6-iteration debug run that the evaluation and learning-signal tables read (resumed if it was cut short).
+$(BENCH_RUNS)/after-selfplay/state.json: | install
+	$(SELFPLAY) run configs/debug.yaml loop.iterations=6 eval.every=0 run_dir=$(BENCH_RUNS)/after-selfplay
+
+bench-selfplay-run: $(BENCH_RUNS)/after-selfplay/state.json
+	$(SELFPLAY) resume $(BENCH_RUNS)/after-selfplay
+
+bench-eval: bench-selfplay-run
+	for t in --no-tools --tools; do \
+	  OMP_NUM_THREADS=1 $(SELFPLAY) eval --model embedded --benchmark generated --limit 50 $$t \
+	      --out $(BENCH_RUNS)/eval/base$$t || exit 1; \
+	  OMP_NUM_THREADS=1 $(SELFPLAY) eval --model embedded --benchmark generated --limit 50 $$t \
+	      --adapter $(BENCH_RUNS)/after-selfplay/checkpoints --out $(BENCH_RUNS)/eval/sp$$t || exit 1; \
+	done
+
+bench-learning: bench-selfplay-run
+	$(PY) bench/learning_signal.py $(BENCH_RUNS)/after-selfplay
 
 # A synthetic 30-iteration run (selfplay/dashboard/demo.py), rebuilt each time, then served.
 dashboard-demo: install

@@ -250,6 +250,50 @@ def test_new_iterations_and_nan_values_reach_the_api(tmp_path) -> None:
     assert c.get("/api/runs/live/scalars").json()["learner/executor/loss"]["y"] == [0.5, None]
 
 
+# -- the served process ----------------------------------------------------------------------------------
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (hex, as the kernel writes them) of the TCP sockets listening on `port`."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                out.append(local.rsplit(":", 1)[0])
+    return out
+
+
+def test_cli_dashboard_listens_on_loopback_only_by_default(tmp_path, runs) -> None:
+    """`selfplay dashboard RUN` without --host: reachable on 127.0.0.1, bound to nothing else (the data is a
+    run's prompts and outputs; docs/dashboard.md says to port-forward over SSH instead)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-m", "selfplay", "dashboard", str(runs["root"] / "alpha"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _listeners(port):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the dashboard never listened"
+            time.sleep(0.2)
+        assert _listeners(port) == ["0100007F"]  # 127.0.0.1, not 0.0.0.0 and no IPv6 socket
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # -- the page in a real browser ---------------------------------------------------------------------------
 
 def _chromium_or_skip() -> str:
@@ -292,6 +336,8 @@ def test_page_renders_every_chart_filters_tasks_and_updates_live(server, runs) -
             "--no-first-run"])
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         errors: list[str] = []
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(url)
@@ -350,9 +396,12 @@ def test_page_renders_every_chart_filters_tasks_and_updates_live(server, runs) -
         assert page.locator('[data-chart="difficulty-alpha"] rect.cell[data-iteration="8"]').count() > 0
         assert page.locator("#live").get_attribute("data-state") == "live"
 
-        shot = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard.png"
-        shot.parent.mkdir(exist_ok=True)
+        shot = live.parent / "dashboard.png"  # in the test's tmp dir, never in the checkout
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert not errors, errors
+    assert shot.read_bytes().startswith(b"\x89PNG")
+    # no request left the machine: the page loads nothing from a CDN, fonts or analytics host
+    assert requests and all(u.startswith(f"{url}/") or u.split(":", 1)[0] in ("data", "blob") for u in requests), \
+        sorted({u for u in requests if not u.startswith(url)})

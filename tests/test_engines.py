@@ -163,6 +163,22 @@ def test_submitted_requests_finish_with_what_generate_gives(engine, backend, pro
         assert done[rid].prompt_token_ids == pid
 
 
+def test_reseed_makes_unseeded_requests_independent_of_history(engine, prompts):
+    """After `reseed(s)`, unseeded requests sample the same whatever the engine generated before (a resumed
+    run's fresh engine must sample what the uninterrupted run's did); another seed samples otherwise."""
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=16)
+    ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
+    engine.reseed(11)
+    a = engine.generate(prompts, params)
+    engine.generate(prompts, params)  # history that must not matter
+    engine.reseed(11)
+    b = engine.generate(prompts, params)
+    engine.reseed(12)
+    c = engine.generate(prompts, params)
+    assert ids(a) == ids(b)
+    assert ids(a) != ids(c)
+
+
 def test_token_id_prompts_are_used_verbatim(engine, prompts):
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
     by_text = engine.generate([prompts[0]], _greedy())[0]
@@ -237,6 +253,10 @@ def test_adapter_swap_changes_output(engine, reference, prompts, tmp_path_factor
     assert engine.adapter_versions == {"executor": 2}
     with_v2 = engine.generate(prompts, params, adapter="executor")
     assert ids(with_v2) != ids(with_v1)
+    # a late update with a lower version (v1 again, as a slow publisher would send it) is ignored
+    engine.update_weights(AdapterUpdate(name="executor", path=v1, version=1))
+    assert engine.adapter_versions == {"executor": 2}
+    assert ids(engine.generate(prompts, params, adapter="executor")) == ids(with_v2)
     # the served adapter is v2 itself: its logprobs match a teacher-forced peft model of v2
     from peft import PeftModel
 

@@ -90,6 +90,9 @@ def test_single_sample_and_code_metrics():
 # ---------------------------------------------------------------- real components
 
 import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 from selfplay.evaluation.benchmarks import BenchmarkItem, code_question  # noqa: E402
 from selfplay.config import EvalConfig, load_config  # noqa: E402
@@ -158,18 +161,50 @@ def test_math_items_scored_by_verifier_equivalence(verifier, pool):
     assert records[3]["answer"] is None
 
 
-@pytest.fixture(scope="module")
-def adapter_checkpoint(tmp_path_factory):
-    """A real peft LoRA adapter saved the way a checkpoint holds the executor's (B = 0: base outputs)."""
+def _lora(seed: int, out: Path) -> Path:
+    """A real peft LoRA adapter with random (non-zero) B: it changes the model's outputs."""
     from peft import LoraConfig, get_peft_model
 
     from selfplay.models import load_causal_lm, resolve_model_path
 
-    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(seed)
     model = load_causal_lm(resolve_model_path("embedded"), dtype="float32", device="cpu")
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
-        root / "executor")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    peft.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_checkpoint(tmp_path_factory):
+    """A training checkpoint root laid out as the learner writes it: two steps, `latest` naming the newer;
+    each step holds both roles' adapters. Evaluation must take the newer step's executor adapter."""
+    from selfplay.learner.checkpoint import write_latest
+
+    root = tmp_path_factory.mktemp("ckpt")
+    for step, seed in (("step-00000002", 1), ("step-00000004", 2)):
+        (root / step).mkdir()
+        (root / step / "state.json").write_text("{}")
+        _lora(seed, root / step / "adapters" / "executor")
+        _lora(seed + 10, root / step / "adapters" / "proposer")
+    write_latest(root, "step-00000004")
     return root
+
+
+def test_adapter_path_resolves_a_checkpoint_root_to_the_latest_executor_adapter(adapter_checkpoint):
+    from selfplay.evaluation.evaluate import _resolve_adapter
+
+    newest = adapter_checkpoint / "step-00000004" / "adapters" / "executor"
+    older = adapter_checkpoint / "step-00000002" / "adapters" / "executor"
+    assert _resolve_adapter(adapter_checkpoint) == newest  # the root: the step `latest` names
+    assert _resolve_adapter(adapter_checkpoint / "step-00000002") == older  # one step: its executor
+    assert _resolve_adapter(newest) == newest  # an adapter directory as is
+    (adapter_checkpoint.parent / "empty").mkdir(exist_ok=True)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        _resolve_adapter(adapter_checkpoint.parent / "empty")
 
 
 def check_outputs(out_dir, tools: bool, n_items: int):
@@ -190,12 +225,19 @@ def check_outputs(out_dir, tools: bool, n_items: int):
 
 @pytest.mark.slow
 def test_real_evaluation_with_tools_and_adapter(tmp_path, adapter_checkpoint):
+    """`--adapter CHECKPOINT_ROOT` (as BENCHMARKS.md runs it) evaluates the latest executor adapter: its
+    answers differ from the base model's on the same items and settings."""
+    cfg = load_config(None, SMALL)
     report = evaluate("embedded", "generated", adapter=adapter_checkpoint, tools=True, limit=2,
-                      out=tmp_path / "tools", run_cfg=load_config(None, SMALL), progress=False)
+                      out=tmp_path / "tools", run_cfg=cfg, progress=False)
     results, rows = check_outputs(tmp_path / "tools", tools=True, n_items=2)
-    assert results["config"]["adapter"] == str(adapter_checkpoint / "executor")
+    assert results["config"]["adapter"] == str(adapter_checkpoint / "step-00000004" / "adapters" / "executor")
     assert results["config"]["temperature"] == 0.0  # greedy for one sample
     assert report.metrics == results["metrics"]
+    evaluate("embedded", "generated", tools=True, limit=2, out=tmp_path / "base", run_cfg=cfg, progress=False)
+    _, base = check_outputs(tmp_path / "base", tools=True, n_items=2)
+    by_id = lambda rs: {r["question_id"]: r["text"] for r in rs}  # noqa: E731
+    assert by_id(rows) != by_id(base)  # greedy both times: only the adapter can make them differ
 
 
 @pytest.mark.slow

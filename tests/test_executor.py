@@ -199,8 +199,18 @@ def test_executor_rejects_bad_input(engine):
         executor.rollout(["a", "b"], task_ids=["x"], n=1)
 
 
-def test_resume_budget_constant_is_sane():
-    assert MAX_RESUMES_PER_TURN >= 1
+def test_a_turn_that_never_ends_in_a_call_stops_after_the_resume_budget(engine):
+    """A stop string that opens no tool call resumes the turn; after MAX_RESUMES_PER_TURN resumes the rollout
+    ends as malformed instead of looping (here every "e" the greedy model writes is such a stop)."""
+    from roles.executor import Executor
+
+    calls = []
+    executor = Executor(engine, lambda codes, **kw: calls.extend(codes) or [],
+                        ExecutorConfig(stop=["e"], temperature=0.0, max_tokens_per_turn=32, max_turns=2))
+    [[r]] = executor.rollout(["Write a long essay about the trees of the forest and the rivers."], n=1)
+    assert r.finish == "malformed" and r.malformed == ["too_many_resumes"], (r.finish, r.malformed, r.text)
+    assert r.resumes == MAX_RESUMES_PER_TURN + 1 and r.text.count("e") == MAX_RESUMES_PER_TURN + 1
+    assert calls == [] and r.n_tool_calls == 0
 
 
 @pytest.mark.slow

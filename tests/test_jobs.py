@@ -1,48 +1,115 @@
 """Cluster path: a real Ray head (`ray start --head`), `selfplay submit` ships a tiny run to it, the job must
-reach SUCCEEDED and leave a finished run directory; then the head is stopped."""
+reach SUCCEEDED and leave a finished run directory; then the head, and only it, is stopped."""
 from __future__ import annotations
 
 import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from sandbox.linux import descendants
 from selfplay.run import jobs
 from selfplay.run.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PORT = 8299  # dashboard / job API port of the test head (not the default, to stay out of a user's way)
-GCS_PORT = 6399
+# every port a head opens, so a second head (another test run, a user's cluster) never collides with this one
+PORT_FLAGS = ("--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",
+              "--object-manager-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+              "--runtime-env-agent-port", "--metrics-export-port")
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports the kernel has free now (bound together, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """Stop `proc` and every process below it: SIGTERM, then SIGKILL after `grace_s`. Only these: never
+    `ray stop`, which stops every Ray on the machine (a user's running job included)."""
+    tree = {proc.pid, *descendants(proc.pid)}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                                  "Z" not in _state(pid) for pid in tree):
+            proc.poll()
+            time.sleep(0.2)
+    proc.wait(timeout=30)
+    left = [pid for pid in tree if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+    assert not left, f"the test head left processes running: {left}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A head with token auth on, as Ray >= 2.60 starts new clusters; the token lives in a file only the
-    head's environment and `RAY_AUTH_TOKEN_PATH` point to (never the user's ~/.ray)."""
+    """A head of its own (`ray start --head --block`, free ports, its own temp dir) with token auth on, as Ray
+    >= 2.60 starts new clusters; the token lives in a file only the head's environment and
+    `RAY_AUTH_TOKEN_PATH` point to (never the user's ~/.ray). Torn down by stopping its process tree."""
     ray = shutil.which("ray", path=str(BIN)) or shutil.which("ray")
     assert ray, "ray CLI not found beside the interpreter"
     token_path = tmp_path_factory.mktemp("ray-auth") / "auth_token"
     token_path.write_text(secrets.token_hex(16))
+    temp_dir = tmp_path_factory.mktemp("ray")
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS) + 2)))
+    lo = free_ports(1)[0]
     # The job's `python` must be this environment's: put it first on the head's PATH.
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token_path))
-    subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-    start = subprocess.run(
-        [ray, "start", "--head", f"--port={GCS_PORT}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={PORT}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", *(f"{flag}={port}" for flag, port in ports.items()),
+         f"--min-worker-port={lo}", f"--max-worker-port={lo + 50}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    assert start.returncode == 0, start.stdout + start.stderr
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
-        yield f"http://127.0.0.1:{PORT}", token_path
+        deadline = time.monotonic() + 180
+        while not _answers(address):
+            assert head.poll() is None, head.stdout.read()
+            assert time.monotonic() < deadline, "the test head's job API never answered"
+            time.sleep(1)
+        yield address, token_path
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_tree(head)
+
+
+def _answers(address: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=2)
+        return True
+    except urllib.error.HTTPError:
+        return True  # it answered (401 without the token)
+    except OSError:
+        return False
 
 
 def test_bad_config_fails_before_submitting(tmp_path):

@@ -54,8 +54,9 @@ def test_resume_truncates_and_relogs_to_the_same_store_as_an_uninterrupted_run(t
     with MetricsStore(tmp_path / "resumed.sqlite") as store:
         for it in range(6):
             _log(store, it, seed=100 + it)  # iterations 4-5 logged with other values, then "crash"
+    late_rows = {t: _dump(tmp_path / "resumed.sqlite")[t] for t in ("scalars", "tasks", "trajectories")}
     with MetricsStore(tmp_path / "resumed.sqlite") as store:  # resume from the checkpoint of iteration 3
-        store.truncate_after(3)
+        dropped = store.truncate_after(3)
         assert store.last_iteration() == 3
         for it in range(4, 6):
             _log(store, it, seed=it)
@@ -64,6 +65,7 @@ def test_resume_truncates_and_relogs_to_the_same_store_as_an_uninterrupted_run(t
         late = lambda rows: [r for r in rows if (r[0] if table == "scalars" else r[2 if table == "trajectories" else 1]) >= 4]  # noqa: E731
         assert late(resumed[table]) == late(straight[table]), table
         assert len(resumed[table]) == len(straight[table]), table
+        assert dropped[table] == len(late(late_rows[table])) > 0, table  # the resume event reports these
 
 
 def test_tasks_and_trajectories_round_trip_and_upsert_by_id(tmp_path: Path) -> None:

@@ -205,7 +205,16 @@ def test_propose_on_the_embedded_model(engine):
     for prop in proposals:
         assert prop.topic == "arithmetic" and prop.examples == ["What is 12 * 12?"]
         assert len(prop.completion_ids) == len(prop.logprobs) > 0
-        assert prop.task.ok or prop.task.reason in REJECT_REASONS
+        # what the model was asked: the topic and the example, the reply opened by the forced prefix
+        prompt = engine.tokenizer.decode(prop.prompt_ids)
+        assert "arithmetic" in prompt and "What is 12 * 12?" in prompt and prompt.endswith(cfg.response_prefix)
+        # the parsed task is the parse of the sampled tokens (prefix included), not of some other text
+        reply = engine.tokenizer.decode(prop.completion_ids, skip_special_tokens=True)
+        assert prop.text == Proposer(engine, cfg).reply_text(reply, prop.finish_reason)
+        assert prop.task == parse_task(prop.text, prop.finish_reason)
+        assert prop.finish_reason in ("stop", "length") and all(lp <= 0.0 for lp in prop.logprobs)
+        if prop.finish_reason == "length":
+            assert len(prop.completion_ids) == cfg.max_tokens
         assert prop.task == parse_task(prop.text, prop.finish_reason)
     rewards = score_batch([p.task.question if p.task.ok else None for p in proposals], [0.5, 0.5], [[1], [1]], cfg,
                           agrees=[True, True])

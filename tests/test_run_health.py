@@ -108,7 +108,9 @@ def test_a_run_whose_sandbox_dies_stops_before_training_on_it(tmp_path):
     from test_selfplay_e2e import DEBUG, TINY, finish, replay_ids, selfplay, wait_for
 
     rd = RunDir(tmp_path / "run")
-    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY, "loop.iterations=1", "ray.max_actor_restarts=0",
+    # 4 candidates x 3 answers: with the seed fixed, some of them call the tool (the check needs a call)
+    proc = selfplay("run", DEBUG, f"run_dir={rd.root}", *TINY, "proposer.candidates_per_iteration=4",
+                    "loop.iterations=1", "ray.max_actor_restarts=0",
                     "ray.max_task_retries=0", "sandbox.max_error_rate=0", "sandbox.min_calls_for_error_rate=1")
     started = lambda name: [e for e in rd.read_events() if e.get("event") == "actor_start" and e["actor"] == name]  # noqa: E731
     wait_for(lambda: started("rollout"), 300, "the rollout actor", proc)
@@ -121,3 +123,4 @@ def test_a_run_whose_sandbox_dies_stops_before_training_on_it(tmp_path):
     assert rd.state()["status"] == "failed" and rd.state()["iteration"] == 0
     assert any(e.get("event") == "sandbox_unhealthy" for e in rd.read_events())
     assert replay_ids(rd) == []  # stopped after solving, before any trajectory reached the replay buffer
+

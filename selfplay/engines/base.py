@@ -35,6 +35,12 @@ class Engine(Protocol):
 
     def update_weights(self, update: WeightUpdate) -> None: ...
 
+    def reseed(self, seed: int) -> None:
+        """Restart the source that requests without `params.seed` draw their seeds from: what is sampled
+        afterwards depends on `seed` and the requests alone, not on what the engine generated before (a
+        resumed run's fresh engine then samples what the uninterrupted run's engine did)."""
+        ...
+
     def close(self) -> None: ...
 
 

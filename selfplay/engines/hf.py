@@ -71,6 +71,9 @@ class HFEngine:
     def adapter_versions(self) -> dict[str, int]:
         return {name: version for name, (_, version) in self._adapters.items()}
 
+    def reseed(self, seed: int) -> None:
+        self._seed_source.manual_seed(seed)
+
     def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None,
                  seeds: Sequence[int] | None = None) -> list[RequestOutput]:
         """`seeds`: one per prompt, overriding `params.seed` (sample j of prompt i gets `seeds[i] + j`)."""

@@ -101,6 +101,9 @@ class VLLMEngine:
             **(lora if engine_cfg.enable_lora else {}),
             **parallel,
         )
+        # per-prompt seeds for requests without one, as the hf engine does: vLLM's own generator would make
+        # them depend on everything the engine sampled before, and `reseed` could not restart them
+        self._seed_source = torch.Generator().manual_seed(seed)
         self._loras: dict[str, tuple[object, int]] = {}  # name -> (LoRARequest, version)
         self._lora_ids = itertools.count(1)  # vLLM keys its adapter cache by this int: new id per version
         self._request_counter = itertools.count()
@@ -110,6 +113,9 @@ class VLLMEngine:
     @property
     def adapter_versions(self) -> dict[str, int]:
         return {name: version for name, (_, version) in self._loras.items()}
+
+    def reseed(self, seed: int) -> None:
+        self._seed_source.manual_seed(seed)
 
     def generate(self, prompts: Prompts, params: SamplingParams, adapter: str | None = None,
                  seeds: Sequence[int] | None = None) -> list[RequestOutput]:
@@ -174,6 +180,11 @@ class VLLMEngine:
             done.append((rid, self._request_output(out, ids, want_logprobs, None)))
         return done
 
+    def _draw_seed(self) -> int:
+        import torch
+
+        return int(torch.randint(2**62, (1,), generator=self._seed_source))
+
     def _vllm_params(self, params: SamplingParams, prompt_len: int, seed: int | None):
         from vllm import SamplingParams as VllmSamplingParams
 
@@ -184,7 +195,7 @@ class VLLMEngine:
             top_k=params.top_k,
             max_tokens=min(params.max_tokens, self.max_model_len - prompt_len),
             stop=list(params.stop) or None,
-            seed=params.seed if seed is None else seed,
+            seed=seed if seed is not None else params.seed if params.seed is not None else self._draw_seed(),
             logprobs=0 if params.logprobs else None,  # 0: just the sampled token's logprob
             include_stop_str_in_output=params.include_stop_str_in_output,
         )

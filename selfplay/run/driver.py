@@ -123,10 +123,10 @@ class Driver:
             dropped = pool.truncate_after(done)
             replay_dropped = self._rollback_replay(replay, state, done)
             rollback_published(rd.adapters, state.get("versions") or {})  # before the rollout worker loads them
-            store.truncate_after(done)
-            rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped)
+            metrics_dropped = store.truncate_after(done)
+            rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped, metrics=metrics_dropped)
             console.print(f"resuming after iteration {done} (dropped {dropped} pool tasks of later iterations)")
-            log.info("resume: replay %s", replay_dropped)
+            log.info("resume: replay %s, metrics %s", replay_dropped, metrics_dropped)
 
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console.rich,
@@ -193,10 +193,11 @@ class Driver:
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
                 # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere
                 # in here leaves iteration `it` uncommitted, and a resume drops what it had written
-                with stage(ctx, it, "commit", safe_point=False):
+                with stage(ctx, it, "log_metrics", safe_point=False):
                     store.log_tasks(it, result.tasks)
                     store.log_trajectories(it, result.trajectories)
                     store.log_scalars(it, result.scalars)
+                with stage(ctx, it, "commit", safe_point=False):
                     if it % cfg.loop.checkpoint_every == 0 or last:
                         ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
                         rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit

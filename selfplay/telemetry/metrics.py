@@ -199,13 +199,16 @@ class MetricsStore:
             ))
         self._write("INSERT OR REPLACE INTO trajectories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def truncate_after(self, iteration: int) -> None:
-        """Resume from a checkpoint at `iteration`: forget everything logged for later iterations."""
+    def truncate_after(self, iteration: int) -> dict[str, int]:
+        """Resume from a checkpoint at `iteration`: forget everything logged for later iterations; returns how
+        many rows each table lost."""
         _check_iteration(iteration)
+        dropped = {}
         with self._conn:
             for table in ("scalars", "tasks", "trajectories"):
-                self._conn.execute(f"DELETE FROM {table} WHERE iteration > ?", (iteration,))
+                dropped[table] = self._conn.execute(f"DELETE FROM {table} WHERE iteration > ?", (iteration,)).rowcount
             self._bump()
+        return dropped
 
     # -- reading (the writer's own view) -------------------------------------------------------------
     def last_iteration(self) -> int | None:
