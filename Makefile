@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/debug.yaml
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install run test test-fast test-gpu bench bench-speed bench-selfplay-run bench-eval bench-learning dashboard-demo browser doctor clean
+.PHONY: install run test test-fast test-gpu bench bench-speed bench-selfplay-run bench-eval bench-learning bench-learning-check dashboard-demo browser doctor clean
 
 # GPU=1 when `nvidia-smi -L` lists a GPU (override: make run GPU=0). The venv remembers which build it
 # holds (.installed-gpu / .installed-cpu) and is rebuilt when that changes: the CPU and CUDA vLLM wheels are
@@ -64,7 +64,7 @@ test-gpu: install
 # Every benchmark BENCHMARKS.md cites, section by section (hours on 2 CPU cores; each target runs alone too).
 BENCH_RUNS ?= runs/bench
 SELFPLAY := $(VENV)/bin/selfplay
-bench: bench-speed bench-eval bench-learning
+bench: bench-speed bench-eval bench-learning bench-learning-check
 
 bench-speed: install
 	$(PY) bench/sandbox.py
@@ -92,6 +92,10 @@ bench-eval: bench-selfplay-run
 
 bench-learning: bench-selfplay-run
 	$(PY) bench/learning_signal.py $(BENCH_RUNS)/after-selfplay
+
+# The learning check: base vs. reference reward (RLVR) vs. self-play at one wall-clock budget (~2 h on 2 cores).
+bench-learning-check: install
+	OUT=$(BENCH_RUNS)/learning-check PY=$(PY) sh bench/learning_check.sh
 
 # A synthetic 30-iteration run (selfplay/dashboard/demo.py), rebuilt each time, then served.
 dashboard-demo: install
