@@ -389,6 +389,20 @@ def check_sandbox(ctx: Context, groups) -> None:
         raise SandboxUnhealthy(msg)
 
 
+
+def executor_scalars(s: dict[str, float], rollouts: list) -> None:
+    """The executor's tool health and answer rates over an iteration's rollouts (self-play and reference mode)."""
+    statuses = Counter(st for r in rollouts for st in r.statuses)
+    for st in SANDBOX_STATUSES:
+        s[f"sandbox/status/{st}"] = float(statuses.get(st, 0))
+    calls = sum(statuses.values())
+    s["sandbox/calls"] = float(calls)
+    s["sandbox/error_rate"] = statuses.get("sandbox_error", 0) / calls if calls else 0.0
+    if rollouts:
+        s["executor/tool_calls_mean"] = sum(r.n_tool_calls for r in rollouts) / len(rollouts)
+        s["parse_failures/executor"] = float(sum(bool(r.malformed) for r in rollouts))
+        s["executor/answer_rate"] = sum(r.answer is not None for r in rollouts) / len(rollouts)
+
 def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitted, reasons, practice_rollouts,
                executor_trajs) -> None:
     s = out.scalars
@@ -406,16 +420,7 @@ def _summarise(ctx, iteration, out, proposals, rewards, rollouts, votes, admitte
         s[f"proposer/reward/{part}"] = sum(getattr(r, part) for r in ok_rewards) / max(1, len(ok_rewards))
     s["proposer/reward/agreement_gate"] = sum(r.gated for r in rewards) / n  # share the Agent0 gate zeroed
     all_rollouts = [r for g in rollouts.values() for r in g] + list(practice_rollouts)
-    statuses = Counter(st for r in all_rollouts for st in r.statuses)
-    for st in SANDBOX_STATUSES:
-        s[f"sandbox/status/{st}"] = float(statuses.get(st, 0))
-    calls = sum(statuses.values())
-    s["sandbox/calls"] = float(calls)
-    s["sandbox/error_rate"] = statuses.get("sandbox_error", 0) / calls if calls else 0.0
-    if all_rollouts:
-        s["executor/tool_calls_mean"] = sum(r.n_tool_calls for r in all_rollouts) / len(all_rollouts)
-        s["parse_failures/executor"] = float(sum(bool(r.malformed) for r in all_rollouts))
-        s["executor/answer_rate"] = sum(r.answer is not None for r in all_rollouts) / len(all_rollouts)
+    executor_scalars(s, all_rollouts)
     tokens = sum(len(r.completion_ids) for r in all_rollouts) + sum(len(p.completion_ids) for p in proposals)
     gen_time = sum(s.get(f"time/{k}", 0.0) for k in ("propose", "solve", "practice"))
     s["throughput/tokens_per_s"] = tokens / gen_time if gen_time else 0.0

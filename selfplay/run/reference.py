@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 
 from selfplay.data.task_pool import PoolTask
-from selfplay.run.loop import (SANDBOX_STATUSES, Context, IterationResult, _record, _seed, check_sandbox,
-                               close_timeline, finish_learning, learn, practice, run_probes, stage)
+from selfplay.run.loop import (Context, IterationResult, _record, _seed, check_sandbox,
+                               close_timeline, executor_scalars, finish_learning, learn, practice, run_probes,
+                               stage)
 
 
 def reference_tasks(ctx: Context, iteration: int) -> list[PoolTask]:
@@ -42,16 +42,8 @@ def run_reference_iteration(ctx: Context, iteration: int) -> IterationResult:
         finish_learning(ctx, learn(ctx, "executor", ctx.cfg.loop.executor_updates), s)
 
     s["reference/train_tasks"] = float(len(ctx.known.train))
-    statuses = Counter(st for r in rollouts for st in r.statuses)
-    for st in SANDBOX_STATUSES:
-        s[f"sandbox/status/{st}"] = float(statuses.get(st, 0))
-    calls = sum(statuses.values())
-    s["sandbox/calls"] = float(calls)
-    s["sandbox/error_rate"] = statuses.get("sandbox_error", 0) / calls if calls else 0.0
+    executor_scalars(s, rollouts)
     if rollouts:
-        s["executor/tool_calls_mean"] = sum(r.n_tool_calls for r in rollouts) / len(rollouts)
-        s["parse_failures/executor"] = float(sum(bool(r.malformed) for r in rollouts))
-        s["executor/answer_rate"] = sum(r.answer is not None for r in rollouts) / len(rollouts)
         gen_time = s.get("time/practice", 0.0)
         s["throughput/tokens_per_s"] = sum(len(r.completion_ids) for r in rollouts) / gen_time if gen_time else 0.0
     s["replay/size"] = float(len(ctx.replay))
