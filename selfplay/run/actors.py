@@ -353,11 +353,11 @@ class Actors:
             ray.get(pg.ready())
         by_name = {s.actor: s for s in slots}
 
-        # Spinning OpenMP threads make torch ~13x slower when two actors share a CPU (docs/bench-rollout.md).
-        env = {"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
-
+        # OMP_WAIT_POLICY=PASSIVE (spinning OpenMP threads make torch ~13x slower when actors share a CPU) is
+        # set by `import selfplay`, which every actor process runs before torch. Not through a runtime_env:
+        # Ray then starts workers through a shell that splits a venv path with a space in it (workers die).
         def remote(klass: type, slot: str | None, **opts: Any):
-            opts = {"num_cpus": 0, **retry, **env, **opts}
+            opts = {"num_cpus": 0, **retry, **opts}
             if slot:
                 s = by_name[slot]
                 opts["num_gpus"] = s.gpus
