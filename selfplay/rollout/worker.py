@@ -40,11 +40,17 @@ class RolloutWorker:
         return role if role in self.engine.adapter_versions else None
 
     def propose(self, count: int, pool_questions: Sequence[str], seed: int) -> list[Proposal]:
+        self.engine.reseed(seed)
         return self.proposer.propose(count, pool_questions, adapter=self._adapter("proposer"),
                                      rng=random.Random(seed))
 
-    def solve(self, questions: Sequence[str], task_ids: Sequence[str], n: int) -> list[list[Rollout]]:
-        return self.executor.rollout(questions, n=n, task_ids=task_ids, adapter=self._adapter("executor"))
+    def solve(self, questions: Sequence[str], task_ids: Sequence[str], n: int,
+              seed: int | None = None) -> list[list[Rollout]]:
+        """`n` rollouts per question; with `seed`, what is sampled depends on it and the inputs only, not on
+        earlier calls (every request seeded from it; the engine's own source restarted from it too)."""
+        if seed is not None:
+            self.engine.reseed(seed)
+        return self.executor.rollout(questions, n=n, task_ids=task_ids, adapter=self._adapter("executor"), seed=seed)
 
     def evaluate(self, iteration: int, out_dir: str | None = None) -> dict[str, float]:
         """Held-out evaluation of the executor's current adapter (`eval` section), on this worker's engine."""
@@ -53,6 +59,7 @@ class RolloutWorker:
 
         if self._verifier is None:
             self._verifier = Verifier(self.cfg.verifier)
+        self.engine.reseed((self.cfg.seed * 1_000_003 + iteration * 101 + 7) % 2**31)
         return evaluate_during_training(self.engine, self.executor, self._verifier, self.cfg.eval,
                                         iteration=iteration, out_dir=out_dir)
 

@@ -298,8 +298,8 @@ class RolloutActor(_Busy):
         return self.worker.propose(count, pool_questions, seed)
 
     @busy
-    def solve(self, questions: list[str], task_ids: list[str], n: int) -> list:
-        return self.worker.solve(questions, task_ids, n)
+    def solve(self, questions: list[str], task_ids: list[str], n: int, seed: int | None = None) -> list:
+        return self.worker.solve(questions, task_ids, n, seed)
 
     @busy
     def update_weights(self, update: Any) -> dict[str, int]:

@@ -129,14 +129,14 @@ def propose(ctx: Context, iteration: int) -> list:
                                                      _seed(ctx.cfg, iteration, 2)))
 
 
-def solve_and_vote(ctx: Context, proposals: list, scalars: dict[str, float]) -> tuple[dict, dict]:
+def solve_and_vote(ctx: Context, iteration: int, proposals: list, scalars: dict[str, float]) -> tuple[dict, dict]:
     """Step 2: k executor answers per parseable candidate, then the verifier's vote on each."""
     ok = [p for p in proposals if p.task.ok]
     if not ok:
         return {}, {}
     with timed(scalars, "solve"):
         groups = ray.get(ctx.actors.rollout.solve.remote([p.task.question for p in ok], [p.task_id for p in ok],
-                                                         ctx.cfg.executor.samples_per_task))
+                                                         ctx.cfg.executor.samples_per_task, _seed(ctx.cfg, iteration, 4)))
     with timed(scalars, "verify"):
         votes = ray.get(ctx.actors.verifier.vote_many.remote([[r.model_text for r in g] for g in groups]))
     return {p.task_id: g for p, g in zip(ok, groups)}, {p.task_id: v for p, v in zip(ok, votes)}
@@ -191,7 +191,7 @@ def practice(ctx: Context, iteration: int, scalars: dict[str, float],
         return [], []
     with timed(scalars, "practice"):
         groups = ray.get(ctx.actors.rollout.solve.remote([t.question for t in tasks], [t.task_id for t in tasks],
-                                                         cfg.executor.group_size))
+                                                         cfg.executor.group_size, _seed(cfg, iteration, 5)))
     flat = [r for g in groups for r in g]
     refs = [t.pseudo_label for t, g in zip(tasks, groups) for _ in g]
     with timed(scalars, "verify"):
@@ -282,7 +282,7 @@ def run_iteration(ctx: Context, iteration: int) -> IterationResult:
     with stage(ctx, iteration, "propose"), timed(s, "propose"):
         proposals = propose(ctx, iteration)
     with stage(ctx, iteration, "solve"):
-        rollouts, votes = solve_and_vote(ctx, proposals, s)
+        rollouts, votes = solve_and_vote(ctx, iteration, proposals, s)
         probe_rollouts = run_probes(ctx, iteration, s)
         check_sandbox(ctx, list(rollouts.values()) + [probe_rollouts])
     with stage(ctx, iteration, "reward"):
@@ -349,7 +349,8 @@ def run_probes(ctx: Context, iteration: int, scalars: dict[str, float]) -> list:
     k = ctx.cfg.executor.samples_per_task
     with timed(scalars, "probes"):
         groups = ray.get(ctx.actors.rollout.solve.remote([it.question for it in items],
-                                                         [f"probe:{it.id}" for it in items], k))
+                                                         [f"probe:{it.id}" for it in items], k,
+                                                         _seed(ctx.cfg, iteration, 6)))
         texts = [[r.model_text for r in g] for g in groups]
         votes, verdicts = ray.get([ctx.actors.verifier.vote_many.remote(texts), ctx.actors.verifier.match_many.remote(
             [t for g in texts for t in g], [it.answer for it, g in zip(items, texts) for _ in g])])
@@ -374,9 +375,24 @@ class SandboxUnhealthy(RuntimeError):
     """Too many tool calls failed inside the sandbox itself: the executor has no working tool."""
 
 
+def _check_sandbox_actor(ctx: Context) -> None:
+    """A dead sandbox actor breaks the tool even when this iteration's answers made no call."""
+    actors = getattr(ctx, "actors", None)  # None: the health arithmetic alone (unit tests)
+    if actors is None:
+        return
+    try:
+        ray.get(actors.sandbox.pid.remote())
+    except ray.exceptions.RayActorError as e:
+        ctx.rd.event("sandbox_unhealthy", calls=0, errors=0, last_error=f"sandbox actor died: {type(e).__name__}")
+        raise SandboxUnhealthy("sandbox broken: the sandbox actor died and was not restarted "
+                               "(ray.max_actor_restarts); the executor has no working tool. Its log: "
+                               "RUN/logs/sandbox.log; `python -m sandbox doctor` checks the sandbox itself.") from None
+
+
 def check_sandbox(ctx: Context, groups) -> None:
     """Stop the run before it trains on a broken tool: more than `sandbox.max_error_rate` of this iteration's
     calls (at least `sandbox.min_calls_for_error_rate`) ended in `sandbox_error`."""
+    _check_sandbox_actor(ctx)
     calls = [c for group in groups for r in group for c in r.tool_calls]
     failed = [c for c in calls if c.status == "sandbox_error"]
     sc = ctx.cfg.sandbox

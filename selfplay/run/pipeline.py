@@ -150,7 +150,7 @@ def run_async_iteration(ctx: Context, iteration: int) -> IterationResult:
         proposals = propose(ctx, iteration)
     publish_ready(ctx, s)
     with stage(ctx, iteration, "solve"):
-        rollouts, votes = solve_and_vote(ctx, proposals, s)
+        rollouts, votes = solve_and_vote(ctx, iteration, proposals, s)
         probe_rollouts = run_probes(ctx, iteration, s)
         check_sandbox(ctx, list(rollouts.values()) + [probe_rollouts])
     with stage(ctx, iteration, "reward"), timed(s, "reward"):
