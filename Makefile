@@ -1,6 +1,13 @@
 # Everything installs itself: `make test` and `make run` build .venv on first use.
 PYTHON ?= python3
+# A checkout whose path has a space keeps its venv under ~/.cache/selfplay: vLLM (CPU) puts venv libraries
+# in LD_PRELOAD and Ray starts runtime_env workers through `bash -c`, and neither survives a space in the
+# interpreter's path. Elsewhere the venv is .venv in the checkout.
+ifneq ($(word 2,$(CURDIR)),)
+VENV ?= $(HOME)/.cache/selfplay/venv-$(shell printf '%s' '$(CURDIR)' | md5sum | cut -c1-12)
+else
 VENV ?= .venv
+endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/debug.yaml
