@@ -30,15 +30,8 @@ STAGES = ["propose", "solve", "verify", "practice", "learn_proposer", "learn_exe
 
 
 def main(overrides: list[str]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(REPO / "configs" / "debug.yaml", [f"run_dir={tmp}/run", "eval.every=0", *overrides])
-        rd = RunDir.create(cfg)
-        assert Driver(rd).run() == 0
-        con = sqlite3.connect(rd.metrics)
-        rows = con.execute("SELECT iteration, key, value FROM scalars WHERE key LIKE 'time/%'").fetchall()
-    by_it: dict[int, dict[str, float]] = {}
-    for it, key, value in rows:
-        by_it.setdefault(it, {})[key[5:]] = value
+    by_it = {it: {k[5:]: v for k, v in s.items() if k.startswith("time/")}
+             for it, s in run_scalars(overrides).items()}
     print(f"\n{'iteration':>9} {'total s':>8} " + " ".join(f"{s:>14}" for s in STAGES))
     for it, t in sorted(by_it.items()):
         total = t["total"]
