@@ -72,8 +72,8 @@ def pin(handle, core: int | None) -> None:
 def bench_learner(cfg, rd, args) -> dict:
     import ray
 
-    from selfplay.run.actors import LearnerActor
-    from selfplay.run.ranks import LearnerGroup
+    from selfplay.run.cluster.actors import LearnerActor
+    from selfplay.run.cluster.ranks import LearnerGroup
 
     gpu = 1 if args.gpu else 0
     make = lambda name: ray.remote(LearnerActor).options(num_cpus=0, num_gpus=gpu).remote(cfg, rd, name)  # noqa: E731
@@ -104,8 +104,8 @@ def bench_learner(cfg, rd, args) -> dict:
 def bench_rollout(cfg, rd, args) -> dict:
     import ray
 
-    from selfplay.run.actors import RolloutActor, SandboxActor
-    from selfplay.run.fleet import RolloutFleet
+    from selfplay.run.cluster.actors import RolloutActor, SandboxActor
+    from selfplay.run.cluster.fleet import RolloutFleet
 
     gpu = 1 if args.gpu else 0
     sandbox = ray.remote(SandboxActor).options(num_cpus=0).remote(cfg, rd)

@@ -186,7 +186,7 @@ def plan(
     node: Annotated[Optional[list[str]], typer.Option("--node", help="plan for a described node GPUS:CPUS (repeatable)")] = None,
 ) -> None:
     """Which actor gets which CPUs/GPUs on which node; exits 1, naming the missing resource, if it cannot fit."""
-    from selfplay.run.placement import cluster_nodes, parse_node, plan_report
+    from selfplay.run.cluster.placement import cluster_nodes, parse_node, plan_report
 
     try:
         cfg = load_config(config, overrides or [])

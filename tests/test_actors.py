@@ -33,7 +33,7 @@ def _placement(actor) -> tuple[str | None, int | None]:
 def test_split_placement_puts_learner_and_rollout_in_their_bundles(tmp_path):
     import ray
 
-    from selfplay.run.actors import Actors
+    from selfplay.run.cluster.actors import Actors
 
     cfg = load_config(REPO / "configs" / "debug.yaml",
                       ["ray.colocate=false", "engine.backend=hf", f"run_dir={tmp_path / 'run'}"])

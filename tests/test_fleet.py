@@ -1,4 +1,4 @@
-"""Two hf rollout replicas on a real local Ray behind the driver's router (selfplay/run/fleet.py): requests
+"""Two hf rollout replicas on a real local Ray behind the driver's router (selfplay/run/cluster/fleet.py): requests
 spread over both with each task whole on one replica; a new adapter reaches both through the object store
 and the fleet checks each serves it before sampling; a replica killed mid-call has its share re-sent and
 comes back (restarted by Ray) serving the current adapter."""
@@ -22,7 +22,7 @@ QUESTIONS = [f"What is {a} + {b}?" for a, b in [(2, 3), (7, 5), (11, 4), (9, 9),
 def fleet_run(tmp_path_factory):
     import ray
 
-    from selfplay.run.actors import Actors
+    from selfplay.run.cluster.actors import Actors
 
     run = tmp_path_factory.mktemp("fleet") / "run"
     cfg = load_config(REPO / "configs" / "debug.yaml",
@@ -78,7 +78,7 @@ def test_adapter_reaches_every_replica_through_the_object_store(fleet_run, tmp_p
 def test_stale_replica_is_repaired_before_sampling(fleet_run):
     import ray
 
-    from selfplay.run.fleet import StaleReplica
+    from selfplay.run.cluster.fleet import StaleReplica
 
     cfg, rd, actors = fleet_run
     fleet = actors.rollout
@@ -135,7 +135,7 @@ def test_replica_killed_mid_call_has_its_requests_resent_and_comes_back(fleet_ru
 def test_every_actor_proves_it_sees_the_run_directory(fleet_run, tmp_path):
     import ray
 
-    from selfplay.run.actors import RunDirNotShared, check_run_dir
+    from selfplay.run.cluster.actors import RunDirNotShared, check_run_dir
 
     cfg, rd, actors = fleet_run
     check_run_dir({"rollout-0": actors.rollout.handles[0], "sandbox": actors.sandbox}, rd)  # passes

@@ -1,5 +1,5 @@
 """Data-parallel learner ranks on a real local Ray with gloo (selfplay/learner/distributed.py,
-selfplay/run/ranks.py): two ranks make the update one process makes on the whole batch (fp32, 1e-5),
+selfplay/run/cluster/ranks.py): two ranks make the update one process makes on the whole batch (fp32, 1e-5),
 including a rank with nothing to train; shards are whole groups balanced by tokens; metrics merge."""
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def test_two_ranks_make_the_single_process_update(tiny_model, tmp_path, groups):
 
     from selfplay.config import load_config
     from selfplay.learner.learner import Learner
-    from selfplay.run.actors import LearnerActor
-    from selfplay.run.ranks import LearnerGroup
+    from selfplay.run.cluster.actors import LearnerActor
+    from selfplay.run.cluster.ranks import LearnerGroup
     from selfplay.run.rundir import RunDir
 
     overrides = [f"model.name_or_path={tiny_model}", "model.dtype=float32", "learner.world_size=2",
@@ -136,8 +136,8 @@ def test_two_ranks_take_every_mini_batch_step_of_the_single_process(tiny_model, 
 
     from selfplay.config import load_config
     from selfplay.learner.learner import Learner
-    from selfplay.run.actors import LearnerActor
-    from selfplay.run.ranks import LearnerGroup
+    from selfplay.run.cluster.actors import LearnerActor
+    from selfplay.run.cluster.ranks import LearnerGroup
     from selfplay.run.rundir import RunDir
 
     overrides = [f"model.name_or_path={tiny_model}", "model.dtype=float32", "learner.world_size=2",

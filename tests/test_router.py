@@ -1,12 +1,12 @@
 """The rollout router (selfplay/rollout/router.py) as a plain class: load balance, task affinity, dead
-replicas; and the placement plan (selfplay/run/placement.py) that `selfplay plan` and `Actors.start` share."""
+replicas; and the placement plan (selfplay/run/cluster/placement.py) that `selfplay plan` and `Actors.start` share."""
 from __future__ import annotations
 
 import pytest
 
 from selfplay.config import load_config
 from selfplay.rollout.router import NoReplicaAlive, Router
-from selfplay.run.placement import bundles, fit, plan
+from selfplay.run.cluster.placement import bundles, fit, plan
 
 
 def test_batch_is_split_by_work_not_by_count():

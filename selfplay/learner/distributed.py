@@ -1,6 +1,6 @@
 """Data-parallel learner ranks: a thin layer around the one-process `Learner` (docs/learner.md, "Ranks").
 
-`learner.world_size: N` runs N learners (Ray actors, selfplay/run/ranks.py) in one torch.distributed group
+`learner.world_size: N` runs N learners (Ray actors, selfplay/run/cluster/ranks.py) in one torch.distributed group
 (NCCL on GPU, gloo on CPU). Strategy `ddp` (the one built): every rank holds the whole base and the
 adapters; the driver gives each rank a share of the batch's GRPO groups, balanced by tokens
 (`shard_groups`, longest-processing-time first); each rank computes its groups' advantages itself (whole

@@ -20,7 +20,7 @@ import ray
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sandbox.selftest import SandboxSelfTestFailed
-from selfplay.run.actors import Actors, restart_counts
+from selfplay.run.cluster.actors import Actors, restart_counts
 from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.pipeline import run_async_iteration

@@ -7,7 +7,7 @@
 5. practice:       the executor samples groups on pool tasks, rewarded against the pseudo-labels;
 6. learn/publish:  GRPO/ADPO updates from the replay buffer; new adapters reach the rollout engine.
 
-Steps talk to Ray actor handles (selfplay/run/actors.py); the math lives in roles/ and selfplay/learner/losses.py.
+Steps talk to Ray actor handles (selfplay/run/cluster/actors.py); the math lives in roles/ and selfplay/learner/losses.py.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import ray
 
 from selfplay.config import RunConfig
 from selfplay.run.console import redirect_output, relay_warnings_from
-from selfplay.run.placement import actor_name
+from selfplay.run.cluster.placement import actor_name
 from selfplay.run.rundir import RunDir
 
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
@@ -331,17 +331,17 @@ class Actors:
     sandbox: Any
     verifier: Any
     learner: Any
-    rollout: Any  # the RolloutFleet (selfplay/run/fleet.py): one replica or many behind the router
+    rollout: Any  # the RolloutFleet (selfplay/run/cluster/fleet.py): one replica or many behind the router
     placement_group: Any = None
 
     @classmethod
     def start(cls, cfg: RunConfig, rd: RunDir) -> "Actors":
-        """Create the actors where selfplay/run/placement.py says: colocated (debug, one GPU) or one
+        """Create the actors where selfplay/run/cluster/placement.py says: colocated (debug, one GPU) or one
         placement-group bundle per learner rank and rollout replica (cluster)."""
         import torch
 
-        from selfplay.run.fleet import RolloutFleet
-        from selfplay.run.placement import bundles, plan
+        from selfplay.run.cluster.fleet import RolloutFleet
+        from selfplay.run.cluster.placement import bundles, plan
 
         slots = plan(cfg, cuda=torch.cuda.is_available())
         retry = dict(max_restarts=cfg.ray.max_actor_restarts, max_task_retries=cfg.ray.max_task_retries)
@@ -380,7 +380,7 @@ class Actors:
         if n == 1:
             learner = remote(LearnerActor, "learner").remote(cfg, rd)
         else:
-            from selfplay.run.ranks import LearnerGroup
+            from selfplay.run.cluster.ranks import LearnerGroup
 
             names = [actor_name("learner", i, n) for i in range(n)]
             learner = LearnerGroup.form([remote(LearnerActor, nm).remote(cfg, rd, nm) for nm in names],
