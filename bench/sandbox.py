@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sandbox import Limits, SandboxPool  # noqa: E402
-from sandbox.pool import default_workers  # noqa: E402
+from sandbox.host.pool import default_workers  # noqa: E402
 
 SNIPPETS = {
     "trivial": "print(sum(range(1000)))",

@@ -7,15 +7,15 @@
 
 `python -m sandbox doctor` prints which isolation mechanisms work on this host. Design: docs/sandbox.md.
 Standalone: imports nothing from selfplay. Names are loaded lazily, so the template process (which imports
-`sandbox.zygote`) does not pay for the pool's asyncio/threading machinery in memory and fork time.
+`sandbox.jail.zygote`) does not pay for the pool's asyncio/threading machinery in memory and fork time.
 """
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "SandboxPool": "sandbox.pool", "run": "sandbox.pool", "run_many": "sandbox.pool", "arun": "sandbox.pool",
-    "arun_many": "sandbox.pool", "default_pool": "sandbox.pool",
+    "SandboxPool": "sandbox.host.pool", "run": "sandbox.host.pool", "run_many": "sandbox.host.pool", "arun": "sandbox.host.pool",
+    "arun_many": "sandbox.host.pool", "default_pool": "sandbox.host.pool",
     "ISOLATION_LEVELS": "sandbox.types", "ExecResult": "sandbox.types", "ExecStatus": "sandbox.types",
     "IsolationError": "sandbox.types", "IsolationReport": "sandbox.types", "Limits": "sandbox.types",
     "Mechanism": "sandbox.types", "SandboxClosedError": "sandbox.types",

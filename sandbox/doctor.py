@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 
-from sandbox.pool import SandboxPool
+from sandbox.host.pool import SandboxPool
 from sandbox.selftest import self_test
 from sandbox.types import ISOLATION_LEVELS, ExecStatus, IsolationReport, Limits, level_rank
 

@@ -114,6 +114,17 @@ def test_sandbox_is_standalone():
             assert not {i for i in _imports(path) if not i.startswith("sandbox")}, f"{mod} imports outside sandbox/"
 
 
+
+def test_sandbox_jail_side_never_imports_the_host_side():
+    """What runs inside the jail (sandbox/jail/) stays lean and cannot reach the pool's machinery: it may
+    import the shared modules at sandbox/ top level, never sandbox.host (nor doctor/selftest, which drive a pool)."""
+    shared = {"sandbox", "sandbox.linux", "sandbox.protocol", "sandbox.types"}
+    for mod, path in _modules().items():
+        if mod.startswith("sandbox.jail"):
+            bad = {i for i in _imports(path) if not i.startswith("sandbox.jail") and i not in shared
+                   and not (i.startswith("sandbox.") and i.split(".")[1] in {"linux", "protocol", "types"})}
+            assert not bad, f"{mod} (jail side) imports {sorted(bad)}"
+
 def test_nothing_cites_files_outside_the_repository():
     """Facts a reader needs live in docs/ (docs/anchors.md); nothing points at a collection outside the repo."""
     bad = []

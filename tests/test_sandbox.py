@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import sandbox
-import sandbox.pool
+import sandbox.host.pool
 from sandbox import ExecStatus, IsolationError, Limits, SandboxPool
 from sandbox.linux import descendants
 
@@ -462,7 +462,7 @@ def test_module_level_api_uses_one_default_pool():
     finally:
         sandbox.default_pool().close()
     with pytest.raises(sandbox.SandboxClosedError):
-        pool = sandbox.pool._default
+        pool = sandbox.host.pool._default
         pool.run("print(1)")
 
 
@@ -482,7 +482,7 @@ def test_doctor_reports_every_mechanism():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["level"] in sandbox.ISOLATION_LEVELS
-    assert set(report["mechanisms"]) == set(sandbox.pool.MECHANISMS)
+    assert set(report["mechanisms"]) == set(sandbox.host.pool.MECHANISMS)
     assert all(c["contained"] for c in report["checks"].values()), report["checks"]
     human = subprocess.run([sys.executable, "-m", "sandbox", "doctor"], capture_output=True, text=True,
                            timeout=300, cwd=REPO)

@@ -1,11 +1,11 @@
 """One call, run by the template process itself: fork the snippet, feed its stdin, collect its output with
 a cap per stream, enforce the wall clock, and make sure nothing of the call survives it.
 
-With namespaces (see `sandbox.reaper`), the snippet is forked into the worker's call pid namespace and
+With namespaces (see `sandbox.jail.reaper`), the snippet is forked into the worker's call pid namespace and
 unshares its own IPC namespace there (SysV objects it creates die with it; the template never leaves its
 own). When the snippet ends, the namespace's pid 1 sweeps everything else away. The call's inputs reach
 the snippet in an anonymous mapping it unpacks itself, and its output is read into mappings: nothing of a
-call is ever on the template's heap, so no later fork finds it (see `sandbox.zygote._serve_one`).
+call is ever on the template's heap, so no later fork finds it (see `sandbox.jail.zygote._serve_one`).
 Without namespaces, the template is a child subreaper: orphans of the call are re-parented to it and are
 killed and reaped when the snippet exits or times out.
 
@@ -21,7 +21,8 @@ import select
 import signal
 import time
 
-from sandbox import linux, reaper, snippet
+from sandbox import linux
+from sandbox.jail import reaper, snippet
 
 
 def enter_namespaces(uid: int, gid: int) -> None:

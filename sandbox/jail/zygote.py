@@ -3,14 +3,14 @@
 Start-up: drop to the sandbox uid (fallback mode; in the jail the launcher did), import `preimport` (numpy,
 sympy, ... so snippets pay nothing for them), compile the seccomp filter and the Landlock ruleset, *probe*
 every mechanism in a throw-away child, then enter the worker's namespaces (user, mount, pid, ipc: see
-`sandbox.reaper`) and report what really works in a hello frame. Serving: read a call from the control
-socket and run it (`sandbox.monitor`), one call at a time.
+`sandbox.jail.reaper`) and report what really works in a hello frame. Serving: read a call from the control
+socket and run it (`sandbox.jail.monitor`), one call at a time.
 
 The template never runs untrusted code and is not dumpable. With namespaces it is outside the pid
 namespace its calls run in, so a snippet can neither see nor signal it; it keeps capabilities only inside
 its own user namespace (to give each call a fresh IPC namespace), and every snippet drops them.
 
-Runs inside the jail with only the standard library and this package; started by `sandbox.launch`.
+Runs inside the jail with only the standard library and this package; started by `sandbox.host.launch`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import stat
 import sys
 import time
 
-from sandbox import landlock, linux, monitor, protocol, reaper, seccomp
+from sandbox import linux, protocol
+from sandbox.jail import landlock, monitor, reaper, seccomp
 
 
 def _drop_privileges(cfg: dict) -> None:

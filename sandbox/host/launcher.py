@@ -6,8 +6,9 @@ namespace with bind mounts: the interpreter may live under a 0700 home dir) and 
 then execs bwrap (or, in the fallback, the template itself). bwrap therefore always runs unprivileged,
 in its own user namespace mapped onto 65534, never onto host root.
 
-Self-contained (standard library only, run with -I so this package's `types` module cannot shadow the
-standard one): it runs before anything is set up.
+Self-contained (standard library only, run with -I -S so nothing on the caller's path, such as the package's
+own `types` module, can shadow the standard library): it runs before anything is set up. It lives on the host
+side: it never enters the jail, it execs it.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 
-from sandbox.cgroups import CgroupTree, owner_dead
-from sandbox.launch import LaunchSpec, python_paths, reachable_by_others
+from sandbox.host.cgroups import CgroupTree, owner_dead
+from sandbox.host.launch import LaunchSpec, python_paths, reachable_by_others
 from sandbox.types import (
     ExecResult,
     ExecStatus,
@@ -32,7 +32,7 @@ from sandbox.types import (
     SandboxClosedError,
     level_rank,
 )
-from sandbox.worker import Worker, WorkerStartError
+from sandbox.host.worker import Worker, WorkerStartError
 
 log = logging.getLogger("sandbox")
 DISABLE_ENV = "SELFPLAY_SANDBOX_DISABLE"  # comma-separated mechanisms to switch off, e.g. "bwrap,seccomp"
