@@ -28,7 +28,7 @@ def scalars_for(it: int) -> dict[str, float]:
               "time/busy/rollout": 38.0, "time/busy/learner": 50.0, "time/overlap": 8.0,
               "tasks/accepted_rate": ACCEPTED_RATE[it], "throughput/tokens": TOKENS[it],
               "executor/tool_calls_mean": 1.5, "sandbox/calls": 10.0, "sandbox/error_rate": 0.3,
-              "learner/executor/entropy": 1.0})
+              "learner/executor/entropy": 1.0, "sandbox/status/ok": 7.0, "sandbox/status/error": 3.0})
     return s
 
 
@@ -162,5 +162,65 @@ def test_charts_draw_the_logged_numbers(served):
         assert [x for x, _ in points("accept")] == pytest.approx([TOTAL, 2 * TOTAL, 3 * TOTAL])
         page.select_option("#x-axis", "tokens")
         assert [x for x, _ in points("accept")] == pytest.approx([100, 350, 750])
+        browser.close()
+    assert not errors, errors
+
+
+def test_every_chart_follows_the_x_axis_choice(served):
+    """Bars and heatmap columns too, not only the lines: on a wall-time or token axis an iteration covers the
+    stretch from the previous iteration's end to its own, drawn where that axis's ticks say it is."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not installed (`make browser` installs it; needs root and apt)")
+    from playwright.sync_api import sync_playwright
+
+    wall = [(it * TOTAL, (it + 1) * TOTAL) for it in range(3)]
+    tokens = [(0.0, 100.0), (100.0, 350.0), (350.0, 750.0)]
+    charts = {"time": "rect.bar", "sandbox": "rect.bar", "difficulty-truth": "rect.cell:not(.unscored)"}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(served)
+        page.wait_for_selector('[data-chart="time"] rect.bar')
+
+        def drawn(chart: str, sel: str) -> dict[int, tuple[float, float]]:
+            """iteration -> [left, right] of its bars, in the x axis's unit, read back through the ticks."""
+            ticks = page.eval_on_selector_all(f'[data-chart="{chart}"] .xtick',
+                                              "els => els.map(e => [+e.dataset.value, +e.getAttribute('x')])")
+            assert len(ticks) >= 2, (chart, ticks)
+            (v0, p0), (v1, p1) = ticks[0], ticks[-1]
+            unit = lambda px: v0 + (px - p0) * (v1 - v0) / (p1 - p0)
+            rects = page.eval_on_selector_all(f'[data-chart="{chart}"] {sel}', "els => els.map(e => ["
+                                              "+(e.dataset.x ?? e.dataset.iteration), +e.getAttribute('x'), "
+                                              "+e.getAttribute('width')])")
+            out: dict[int, tuple[float, float]] = {}
+            for it, left, width in rects:
+                out.setdefault(int(it), (unit(left), unit(left + width)))
+            return out
+
+        def max_xtick(chart: str) -> float:
+            return max(page.eval_on_selector_all(f'[data-chart="{chart}"] .xtick', "els => els.map(e => +e.dataset.value)"))
+
+        every = page.eval_on_selector_all("[data-chart]:has(svg)", "els => els.map(e => e.dataset.chart)")
+        assert {"time", "sandbox", "difficulty-truth", "accept", "skill"} <= set(every)
+        for kind, spans, tol in (("wall", wall, 1.0), ("tokens", tokens, 2.0)):
+            page.select_option("#x-axis", kind)
+            for chart, sel in charts.items():
+                got = drawn(chart, sel)
+                assert sorted(got) == [0, 1, 2], (kind, chart, got)
+                for it, (lo, hi) in enumerate(spans):
+                    assert got[it][0] == pytest.approx(lo, abs=tol) and got[it][1] == pytest.approx(hi, abs=tol), \
+                        (kind, chart, it, got[it], (lo, hi))
+            # every chart drawn is on this axis: its ticks are in seconds / tokens, far beyond iteration 2
+            for chart in every:
+                assert max_xtick(chart) >= spans[-1][1] / 2, (kind, chart)
+        page.select_option("#x-axis", "iteration")
+        for chart, sel in charts.items():
+            got = drawn(chart, sel)
+            for it in range(3):  # centred on the iteration
+                assert sum(got[it]) / 2 == pytest.approx(it, abs=0.05), (chart, it, got[it])
+        for chart in every:
+            assert max_xtick(chart) <= 3, chart
         browser.close()
     assert not errors, errors

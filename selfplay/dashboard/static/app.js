@@ -99,7 +99,7 @@ function renderGridChart(def, node) {
           values: x.map((it) => { const j = s.x.indexOf(it); return j < 0 ? 0 : s.y[j] || 0; }) };
       });
       stackedBars(box, x, stacks, { normalize: def.normalize, yFmt: def.yFmt, emptyText: emptyReason(def, run),
-        yUnit: def.unit, height: state.selected.length > 1 ? 140 : 190 });
+        yUnit: def.unit, height: state.selected.length > 1 ? 140 : 190, ...onAxis(run) });
     }
     return;
   }
@@ -128,11 +128,24 @@ function renderSkill() {
     smooth: xAxis.smoothing, xFmt: xAxis.fmt(), xName: xAxis.name() });
 }
 
+// What a bar or column chart needs to follow the x-axis choice for one run (nothing on the iteration axis).
+function onAxis(run) {
+  const spans = xAxis.spans(run);
+  if (spans === null) return {};
+  return { spans: spans || new Map(), xFmt: xAxis.fmt(), xName: xAxis.name(),
+    emptyText: `this run logs no ${xAxis.needs()}, which the x axis (${xAxis.kind}) is made of` };
+}
+
 function renderDifficulty() {
   const box = document.getElementById("difficulty");
   box.replaceChildren();
-  const its = state.selected.flatMap((run) => (state.data[run]?.difficulty?.per_iteration || []).map((p) => p.iteration));
-  const xLo = its.length ? Math.min(...its) : undefined, xHi = its.length ? Math.max(...its) : undefined;  // shared x
+  // one x range for the runs shown one above the other, in the axis's unit
+  const edges = state.selected.flatMap((run) => {
+    const its = (state.data[run]?.difficulty?.per_iteration || []).map((p) => p.iteration), spans = xAxis.spans(run);
+    if (spans === null) return its.flatMap((it) => [it - 0.5, it + 0.5]);
+    return its.filter((it) => spans?.has(it)).flatMap((it) => spans.get(it));
+  });
+  const xLo = edges.length ? Math.min(...edges) : undefined, xHi = edges.length ? Math.max(...edges) : undefined;
   for (const run of state.selected) {
     const wrap = el("div", { class: "heat-run" }, box);
     if (state.selected.length > 1) {
@@ -142,7 +155,7 @@ function renderDifficulty() {
     }
     const node = el("div", { class: "chart", "data-chart": `difficulty-${run}` }, wrap);
     const diff = state.data[run]?.difficulty;
-    if (diff) heatmap(node, diff, { height: state.selected.length > 1 ? 200 : 260, xLo, xHi });
+    if (diff) heatmap(node, diff, { height: state.selected.length > 1 ? 200 : 260, xLo, xHi, ...onAxis(run) });
     else emptyChart(node, "loading…");
   }
 }

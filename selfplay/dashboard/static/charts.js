@@ -87,9 +87,9 @@ function frame(node, { height, xLo, xHi, yLo, yHi, yFmt, band, yTicks, xFmt, yUn
     const n = niceTicks(xLo, xHi, Math.max(2, Math.round(iw / 70)));
     const xstep = n.ticks.length > 1 ? n.ticks[1] - n.ticks[0] : 1;
     for (const t of n.ticks) if (t >= xLo - 1e-9 && t <= xHi + 1e-9)
-      el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle" }, axis, xFmt(t, xstep));
+      el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle", class: "xtick", "data-value": t }, axis, xFmt(t, xstep));
   } else for (const t of intTicks(xLo, xHi, Math.max(2, Math.round(iw / 60)))) {
-    el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle" }, axis, String(t));
+    el("svg:text", { x: xs(t), y: height - 7, "text-anchor": "middle", class: "xtick", "data-value": t }, axis, String(t));
   }
   el("svg:line", { x1: M.left, x2: M.left + iw, y1: M.top + ih, y2: M.top + ih, class: "baseline" }, axis);
   return { svg, xs, ys, iw, ih, width };
@@ -107,15 +107,17 @@ function legend(node, items) {
 }
 
 // Hover readout: a vertical rule at the nearest x and a box listing every series' value there.
-function hover(node, f, xValues, rows, title = (x) => `iteration ${x}`) {
+// pos: where x sits on the chart's axis (a bar's centre when the axis is wall time or tokens).
+function hover(node, f, xValues, rows, title = (x) => `iteration ${x}`, pos = (x) => x) {
   const tip = el("div", { class: "tip" }, node);
   const rule = el("svg:line", { class: "rule", y1: M.top, y2: M.top + f.ih, visibility: "hidden" }, f.svg);
   const pad = el("svg:rect", { x: M.left, y: M.top, width: f.iw, height: f.ih, class: "hover-pad" }, f.svg);
   pad.addEventListener("mousemove", (ev) => {
     const box = f.svg.getBoundingClientRect(), px = ev.clientX - box.left;
     let best = xValues[0];
-    for (const x of xValues) if (Math.abs(f.xs(x) - px) < Math.abs(f.xs(best) - px)) best = x;
-    rule.setAttribute("x1", f.xs(best)); rule.setAttribute("x2", f.xs(best)); rule.setAttribute("visibility", "visible");
+    for (const x of xValues) if (Math.abs(f.xs(pos(x)) - px) < Math.abs(f.xs(pos(best)) - px)) best = x;
+    const at = f.xs(pos(best));
+    rule.setAttribute("x1", at); rule.setAttribute("x2", at); rule.setAttribute("visibility", "visible");
     tip.replaceChildren();
     el("div", { class: "tip-title" }, tip, title(best));
     for (const r of rows(best)) {
@@ -125,8 +127,8 @@ function hover(node, f, xValues, rows, title = (x) => `iteration ${x}`) {
       el("span", { class: "tip-value" }, line, r.value);
     }
     tip.style.display = "block";
-    const left = f.xs(best) + 12, w = tip.offsetWidth;
-    tip.style.left = `${left + w > f.width ? f.xs(best) - w - 12 : left}px`;
+    const left = at + 12, w = tip.offsetWidth;
+    tip.style.left = `${left + w > f.width ? at - w - 12 : left}px`;
     tip.style.top = `${M.top}px`;
   });
   pad.addEventListener("mouseleave", () => { tip.style.display = "none"; rule.setAttribute("visibility", "hidden"); });
@@ -192,37 +194,57 @@ export function lineChart(node, series, opts = {}) {
   }), opts.xName);
 }
 
+// Where each iteration sits on the x axis: iteration i spans [i - 0.5, i + 0.5] on the iteration axis;
+// on a wall-time or token axis `spans` gives its stretch [x0, x1] (an iteration without one is not drawn).
+function placement(x, spans) {
+  if (!spans) return { its: x, span: (it) => [it - 0.5, it + 0.5] };
+  return { its: x.filter((it) => spans.has(it)), span: (it) => spans.get(it) };
+}
+
 // x: iterations; stacks: [{label, color, values}] aligned with x. normalize: show shares of each bar.
+// opts.spans (Map iteration -> [x0, x1]) with opts.xFmt/xName: the bars on a wall-time or token axis, each
+// as wide as the stretch of that axis its iteration covers (from the previous iteration's end to its own).
 export function stackedBars(node, x, stacks, opts = {}) {
   const live = stacks.filter((s) => s.values.some((v) => v));
-  if (!x.length || !live.length) return emptyChart(node, opts.emptyText || "no data yet");
+  const { its, span } = placement(x, opts.spans);
+  if (!its.length || !live.length) return emptyChart(node, opts.emptyText || "no data yet");
+  const idx = new Map(x.map((it, i) => [it, i]));
   const totals = x.map((_, i) => live.reduce((a, s) => a + (s.values[i] || 0), 0));
-  const yHi = opts.normalize ? 1 : niceTicks(0, Math.max(...totals)).hi;
-  const f = frame(node, { height: opts.height || 190, xLo: x[0] - 0.5, xHi: x[x.length - 1] + 0.5, yLo: 0, yHi,
-    yFmt: opts.normalize ? "pct" : opts.yFmt, yUnit: opts.yUnit });
-  const step = x.length > 1 ? (f.xs(x[x.length - 1]) - f.xs(x[0])) / (x[x.length - 1] - x[0]) : f.iw / 2;
+  const yHi = opts.normalize ? 1 : niceTicks(0, Math.max(...its.map((it) => totals[idx.get(it)]))).hi;
+  const f = frame(node, { height: opts.height || 190, xLo: Math.min(...its.map((it) => span(it)[0])),
+    xHi: Math.max(...its.map((it) => span(it)[1])), yLo: 0, yHi, yFmt: opts.normalize ? "pct" : opts.yFmt,
+    yUnit: opts.yUnit, xFmt: opts.spans ? opts.xFmt : undefined });
+  const step = its.length > 1 ? (f.xs(its[its.length - 1]) - f.xs(its[0])) / (its[its.length - 1] - its[0]) : f.iw / 2;
   const bw = Math.max(1, Math.min(28, step * 0.8));
+  const box = (it) => {  // [left, width] in pixels
+    if (!opts.spans) return [f.xs(it) - bw / 2, bw];
+    const [a, b] = span(it), w = f.xs(b) - f.xs(a);
+    return [f.xs(a) + (w > 4 ? 0.5 : 0), Math.max(1, w > 4 ? w - 1 : w)];  // a hairline between neighbours
+  };
   const plot = el("svg:g", { class: "plot" }, f.svg);
-  x.forEach((it, i) => {
+  for (const it of its) {
+    const i = idx.get(it), [left, width] = box(it), [x0, x1] = span(it);
     let acc = 0;
     const total = totals[i] || 1;
     for (const s of live) {
       const v = (s.values[i] || 0) / (opts.normalize ? total : 1);
       if (v <= 0) continue;
-      el("svg:rect", { x: f.xs(it) - bw / 2, width: bw, y: f.ys(acc + v), height: f.ys(acc) - f.ys(acc + v),
-        fill: s.color, class: "series bar", "data-x": it, "data-label": s.label, "data-value": s.values[i] || 0 }, plot);
+      el("svg:rect", { x: left, width, y: f.ys(acc + v), height: f.ys(acc) - f.ys(acc + v), fill: s.color,
+        class: "series bar", "data-x": it, "data-x0": x0, "data-x1": x1, "data-label": s.label,
+        "data-value": s.values[i] || 0 }, plot);
       acc += v;
     }
-  });
+  }
   legend(node, live);
-  hover(node, f, x, (it) => {
-    const i = x.indexOf(it);
+  const name = opts.spans && opts.xName ? (it) => `iteration ${it} · ${opts.xName(span(it)[1])}` : undefined;
+  hover(node, f, its, (it) => {
+    const i = idx.get(it);
     const rows = live.map((s) => ({ label: s.label, color: s.color,
       value: opts.normalize ? `${fmt(s.values[i] || 0, opts.yFmt)} (${fmt((s.values[i] || 0) / (totals[i] || 1), "pct")})`
         : fmt(s.values[i] || 0, opts.yFmt) }));
     if (!opts.normalize) rows.push({ label: "total", color: "transparent", value: fmt(totals[i], opts.yFmt) });
     return rows;
-  });
+  }, name, (it) => (span(it)[0] + span(it)[1]) / 2);
 }
 
 function heatColor(share) { // pale -> deep blue; share is relative to the fullest cell
@@ -241,33 +263,40 @@ function frac(j, k) {
 // samples per task, so each possible p_hat has its own row); its tick sits at the row's centre. The band is
 // drawn at the edges of the rows it admits (never through a row); an extra bottom row counts tasks without
 // a p_hat (unparseable). A colour scale says what the shades mean; the mean p_hat is a line on top.
+// opts.spans/xFmt/xName: a wall-time or token x axis (each iteration a column as wide as its stretch, as the
+// bars); opts.xLo/xHi: the x range in the axis's unit, shared by the runs shown one above the other.
 export function heatmap(node, diff, opts = {}) {
-  const per = diff.per_iteration;
-  if (!per.length) return emptyChart(node, "no tasks logged yet");
-  const iters = per.map((p) => p.iteration);
-  const lo = Math.min(iters[0], opts.xLo ?? Infinity), hi = Math.max(iters[iters.length - 1], opts.xHi ?? -Infinity);
+  const { its: iters, span } = placement(diff.per_iteration.map((p) => p.iteration), opts.spans);
+  const kept = new Set(iters), per = diff.per_iteration.filter((p) => kept.has(p.iteration));
+  const cells = diff.cells.filter((c) => kept.has(c.iteration));
+  if (!per.length) return emptyChart(node, diff.per_iteration.length ? opts.emptyText || "not logged by this run" : "no tasks logged yet");
+  const lo = Math.min(...iters.map((it) => span(it)[0]), opts.xLo ?? Infinity);
+  const hi = Math.max(...iters.map((it) => span(it)[1]), opts.xHi ?? -Infinity);
+  const mid = (it) => (span(it)[0] + span(it)[1]) / 2;
   const nb = diff.bins, height = opts.height || 260;
   const half = 0.5 / nb;
   const every = Math.max(1, Math.ceil((nb + 1) / Math.max(2, Math.floor((height - 40) / 16))));  // labels that fit
   const yTicks = [];
   for (let j = 0; j <= nb; j += every) yTicks.push(j / nb);
-  const f = frame(node, { height, xLo: lo - 0.5, xHi: hi + 0.5, yLo: -half - 1 / nb, yHi: 1 + half, yFmt: "float",
-    yTicks, yLabels: (t) => frac(Math.round(t * nb), nb), yUnit: "p̂" });
-  const cellW = Math.max(1, f.xs(lo + 0.5) - f.xs(lo - 0.5)), cellH = f.ys(0) - f.ys(1 / nb);
+  const f = frame(node, { height, xLo: lo, xHi: hi, yLo: -half - 1 / nb, yHi: 1 + half, yFmt: "float",
+    yTicks, yLabels: (t) => frac(Math.round(t * nb), nb), yUnit: "p̂", xFmt: opts.spans ? opts.xFmt : undefined });
+  const cellH = f.ys(0) - f.ys(1 / nb);
+  const column = (it) => { const [a, b] = span(it); return { x: f.xs(a), width: Math.max(1, f.xs(b) - f.xs(a)) + 0.3 }; };
   const byIt = new Map(per.map((p) => [p.iteration, p]));
-  const maxShare = Math.max(1e-9, ...diff.cells.map((c) => c.count / (byIt.get(c.iteration)?.tasks || 1)));
+  const maxShare = Math.max(1e-9, ...cells.map((c) => c.count / (byIt.get(c.iteration)?.tasks || 1)));
   const plot = el("svg:g", { class: "plot" }, f.svg);
-  for (const c of diff.cells) {
+  for (const c of cells) {
     const p = byIt.get(c.iteration), share = p && p.tasks ? c.count / p.tasks : 0;
-    const r = el("svg:rect", { x: f.xs(c.iteration - 0.5), y: f.ys(c.bin / nb + half), width: cellW + 0.3,
-      height: cellH + 0.3, fill: heatColor(share / maxShare), class: "series cell" }, plot);
-    Object.assign(r.dataset, { iteration: c.iteration, bin: c.bin, count: c.count, share: share.toFixed(4) });
+    const r = el("svg:rect", { ...column(c.iteration), y: f.ys(c.bin / nb + half), height: cellH + 0.3,
+      fill: heatColor(share / maxShare), class: "series cell" }, plot);
+    Object.assign(r.dataset, { iteration: c.iteration, bin: c.bin, count: c.count, share: share.toFixed(4),
+      x0: span(c.iteration)[0], x1: span(c.iteration)[1] });
   }
   for (const p of per) {
     if (!p.unscored) continue;
-    const r = el("svg:rect", { x: f.xs(p.iteration - 0.5), y: f.ys(-half), width: cellW + 0.3, height: cellH + 0.3,
+    const r = el("svg:rect", { ...column(p.iteration), y: f.ys(-half), height: cellH + 0.3,
       fill: "#d0495a", "fill-opacity": Math.min(1, 0.25 + p.unscored / p.tasks), class: "series cell unscored" }, plot);
-    Object.assign(r.dataset, { iteration: p.iteration, count: p.unscored });
+    Object.assign(r.dataset, { iteration: p.iteration, count: p.unscored, x0: span(p.iteration)[0], x1: span(p.iteration)[1] });
   }
   el("svg:text", { x: M.left - 6, y: f.ys(-half - 0.5 / nb) + 3.5, "text-anchor": "end", class: "axis-note" }, f.svg, "none");
   const [bl, bh] = diff.band;
@@ -283,8 +312,8 @@ export function heatmap(node, diff, opts = {}) {
   }
   const means = per.filter((p) => p.mean_p_hat !== null);
   if (means.length) {
-    const d = means.map((p, i) => `${i ? "L" : "M"}${f.xs(p.iteration).toFixed(1)},${f.ys(p.mean_p_hat).toFixed(1)}`).join("");
-    el("svg:path", { d, class: "series mean-line" }, plot);
+    const d = means.map((p, i) => `${i ? "L" : "M"}${f.xs(mid(p.iteration)).toFixed(1)},${f.ys(p.mean_p_hat).toFixed(1)}`).join("");
+    el("svg:path", { d, class: "series mean-line" }, plot).dataset.points = JSON.stringify(means.map((p) => [mid(p.iteration), p.mean_p_hat]));
   }
   const scale = el("div", { class: "color-scale" }, node);
   el("span", {}, scale, "share of the iteration's tasks: 0");
@@ -294,9 +323,10 @@ export function heatmap(node, diff, opts = {}) {
   legend(node, [{ label: "mean p̂", color: "#e8833a" },
     { label: `acceptance band (admits p̂ = ${admitted.map((j) => frac(j, nb)).join(", ") || "none"})`, color: "#3a9e6e", dash: true },
     { label: "no p̂ (unparseable proposal)", color: "#d0495a" }]);
+  const name = opts.spans && opts.xName ? (it) => `iteration ${it} · ${opts.xName(span(it)[1])}` : undefined;
   hover(node, f, iters, (it) => {
-    const p = byIt.get(it), cells = diff.cells.filter((c) => c.iteration === it);
-    const dist = cells.map((c) => `${frac(c.bin, nb)}×${c.count}`).join(" ");
+    const p = byIt.get(it), mine = cells.filter((c) => c.iteration === it);
+    const dist = mine.map((c) => `${frac(c.bin, nb)}×${c.count}`).join(" ");
     return [
       { label: "tasks", color: "#5f6b7a", value: `${p.tasks} (${p.accepted} accepted)` },
       { label: "below / in / above band", color: "#3a9e6e", value: `${p.below} / ${p.inside} / ${p.above}` },
@@ -304,5 +334,5 @@ export function heatmap(node, diff, opts = {}) {
       { label: "no p̂", color: "#d0495a", value: String(p.unscored) },
       { label: "p̂×count", color: heatColor(0.6), value: dist || "–" },
     ];
-  });
+  }, name, mid);
 }

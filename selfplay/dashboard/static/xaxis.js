@@ -1,4 +1,4 @@
-// The line charts' x axis (iteration, wall time, generated tokens) and smoothing, as TensorBoard and W&B
+// Every chart's x axis (iteration, wall time, generated tokens) and smoothing, as TensorBoard and W&B
 // offer them. Wall time is the running sum of time/total (the iterations' own wall time, so a run that was
 // stopped and resumed has no gap); tokens the running sum of throughput/tokens (generated per iteration).
 import { fmt } from "./charts.js";
@@ -37,7 +37,19 @@ export const xAxis = {
       return out;
     });
   },
+  // iteration -> [x0, x1], the stretch of this axis the iteration covers (wall time: from the end of the
+  // previous iteration to its own end), for the charts that draw an iteration as a bar or a column.
+  // null: the iteration axis (the chart centres iteration i on i); undefined: the run lacks the scalar.
+  spans(run) {
+    const m = this.mapping(run);
+    if (!m) return m;
+    const out = new Map();
+    let prev = 0;
+    for (const [it, x] of [...m.entries()].sort((a, b) => a[0] - b[0])) { out.set(it, [prev, x]); prev = x; }
+    return out;
+  },
   fmt() { return KINDS[this.kind].fmt; },
+  needs() { return KINDS[this.kind].key; },
   name() { return KINDS[this.kind].name; },
 };
 
