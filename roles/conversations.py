@@ -28,6 +28,7 @@ def run_conversations(executor: Executor, groups: list[list[Rollout]], adapter: 
     flat = [r for g in groups for r in g]
     waiting: dict[str, list[Rollout]] = {}  # engine request id -> the trajectories it samples for
     tools: dict[Future, tuple[Rollout, str, str]] = {}
+    back: dict[int, list[Rollout]] = {}  # group index -> members whose prefill call has returned
     threads = ThreadPoolExecutor(max(1, min(executor.cfg.max_concurrent_tools, len(flat))),
                                  thread_name_prefix="executor-tool")
 
@@ -71,7 +72,17 @@ def run_conversations(executor: Executor, groups: list[list[Rollout]], adapter: 
                 r, code, turn = tools.pop(fut)
                 results, error = fut.result()
                 executor.splice(r, code, turn, results[0], error)
-                next_request(r)
+                if id(r) in calling:  # back from a call its prefill made: the group's first request waits for
+                    calling.discard(id(r))  # every member, so it is shared (plan_requests) as on the rounds
+                    back.setdefault(r.group, []).append(r)  # schedule, with the same seed
+                    if not any(id(m) in calling for m in groups[r.group]):
+                        members = back.pop(r.group)
+                        for m in members:
+                            executor.check_length(m)
+                        submit(executor.plan_requests([groups[r.group]],
+                                                      {id(m) for m in members if m.finish is None}))
+                else:
+                    next_request(r)
     finally:
         threads.shutdown(wait=True, cancel_futures=True)
         while engine.in_flight:  # an error left requests behind: finish them so the engine stays usable

@@ -216,13 +216,20 @@ def test_a_turn_that_never_ends_in_a_call_stops_after_the_resume_budget(engine):
 @pytest.mark.slow
 def test_per_conversation_schedule_samples_what_rounds_sample_on_vllm(pool):
     """The same seed gives the same trajectories whether conversations advance in rounds or each on its own
-    (vLLM's request-level API, tool calls overlapping generation): same requests, same per-request seeds."""
+    (vLLM's request-level API, tool calls overlapping generation): same requests, same per-request seeds.
+
+    Group 2's prefill is a whole tool call: on rounds its two samples share their first request (n = 2, one
+    seed); per conversation they must wait for each other's call to share it too (they once went one by one,
+    with other seeds). Same seeds give the same tokens only where the logits do not depend on which other
+    requests share a forward pass, which vLLM does not promise; so this engine decodes one sequence at a
+    time without prefix caching, and any difference left is the schedule's."""
     from roles.executor import Executor
     from selfplay.config import EngineConfig, ModelConfig
     from selfplay.engines import make_engine
 
     eng = make_engine(ModelConfig(max_model_len=1024),
-                      EngineConfig(backend="vllm", max_batch_size=16, kv_cache_space_gib=1.0), seed=0)
+                      EngineConfig(backend="vllm", max_batch_size=1, enable_prefix_caching=False,
+                                   kv_cache_space_gib=1.0), seed=0)
     questions = ["What is 6 * 7? Use Python.", "What is the 10th prime?", "Sum the numbers 1..100.",
                  "What is 2 ** 20?"]
     prefill = ["```python\n", None, "```python\nprint(6 * 7)\n```\n", "```python\n"]  # tool calls on turn 1
