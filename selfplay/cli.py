@@ -264,8 +264,11 @@ def dashboard(
         runs = find_runs(run_dirs)
     except NoRunFound as e:
         _fail(str(e))
-    from selfplay.dashboard.app import serve
+    from selfplay.dashboard.app import port_in_use, serve
 
+    busy = port_in_use(host, port)
+    if busy:
+        _fail(busy)
     console.print(f"dashboard: http://{host}:{port}/  ({len(runs)} run{'s' * (len(runs) != 1)}; Ctrl-C stops it)")
     serve(runs, host=host, port=port)
 

@@ -182,3 +182,31 @@ def test_status_of_a_running_run_names_its_stage(tmp_path):
     assert "now: iteration 4, practice (since " in res.stdout
     rd.event("stage", iteration=4, stage="practice", phase="end")
     assert "now:" not in selfplay("status", str(run)).stdout
+
+
+def test_dashboard_on_a_port_in_use_says_so_and_names_a_free_one(tmp_path):
+    """Before: the URL was printed as if served, then uvicorn's `ERROR: [Errno 98]` log line and exit 3."""
+    from selfplay.dashboard.demo import write_demo_run
+
+    write_demo_run(tmp_path / "demo", iterations=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = selfplay("dashboard", str(tmp_path / "demo"), "--port", str(port), timeout=30)
+    lines = assert_short(res, f"port {port} on 127.0.0.1 is in use", "pass --port ")
+    assert len(lines) == 1 and "http://" not in res.stdout + res.stderr
+    free = int(lines[0].split("pass --port ")[1].split()[0])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free))  # the port it names is free
+
+
+def test_run_into_a_directory_that_holds_a_run_points_at_resume(tmp_path):
+    from selfplay.dashboard.demo import write_demo_run
+
+    run = tmp_path / "old"
+    write_demo_run(run, iterations=1)
+    before = sorted(p.name for p in run.iterdir())
+    res = selfplay("run", DEBUG, f"run_dir={run}", env={"HF_HUB_OFFLINE": "1"})
+    assert_short(res, f"run_dir {run} already holds a run", f"selfplay resume {run}")
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written into it

@@ -8,6 +8,7 @@ reading the API; every response forbids framing and scripts from elsewhere (CSP)
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import sqlite3
@@ -161,6 +162,29 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return queries.finite(value)
     return value
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why the dashboard cannot listen on host:port (in words, with a free port to use instead), or None.
+    Checked before the URL is printed: uvicorn's own bind error comes after it, as a log line."""
+    import socket
+
+    def bind_error(p: int) -> OSError | None:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            try:
+                s.bind((host, p))
+            except OSError as e:
+                return e
+        return None
+
+    err = bind_error(port)
+    if err is None:
+        return None
+    free = next((p for p in range(port + 1, port + 50) if bind_error(p) is None), None)
+    why = "is in use (another dashboard?)" if err.errno == errno.EADDRINUSE else f"cannot be used: {err.strerror}"
+    return (f"port {port} on {host} {why}; " + (f"pass --port {free} (free)" if free else "pass another --port")
+            + (" or open the dashboard already there" if err.errno == errno.EADDRINUSE else ""))
 
 
 def serve(run_dirs: list[Path], host: str = "127.0.0.1", port: int = 8321) -> None:
