@@ -8,6 +8,11 @@ into a cgroup v1 cpuacct group when we may make one), which shared or busy machi
 
     .venv/bin/python bench/sandbox.py                # defaults: 200 trivial calls, 60 numpy+sympy calls
     .venv/bin/python bench/sandbox.py --calls 100 --heavy-calls 30 --workers 4
+    .venv/bin/python bench/sandbox.py --repeats 5    # + a mean and 95% interval (t over repeats) per metric
+
+With `--repeats R` the whole measurement (sandbox, then baseline, both snippets) runs R times in one pool;
+each repeat gives one p50 per side and one ratio, and the summary reports their mean with a 95% Student-t
+interval over the R repeats (repeats are the independent unit; calls within one repeat are not).
 """
 from __future__ import annotations
 
@@ -133,11 +138,30 @@ def measure(call, n: int, concurrency: int, cpu=None) -> dict:
             "serial_cps": n / serial_s, "concurrent_cps": n / concurrent_s, "cpu_ms": cpu_ms}
 
 
+# two-sided 95% Student-t critical values by degrees of freedom (any statistics table; df > 30: normal)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval of the mean of independent repeats."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    df = n - 1
+    t = T975.get(df) or (T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.960)
+    half = t * statistics.stdev(values) / n ** 0.5
+    return mean, mean - half, mean + half
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=200, help="calls per measurement, trivial snippet")
     ap.add_argument("--heavy-calls", type=int, default=60, help="calls per measurement, numpy+sympy snippet")
     ap.add_argument("--workers", type=int, default=None, help="sandbox workers (default: from the machine)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the whole measurement this many times")
     args = ap.parse_args()
     limits = Limits(timeout_s=30, cpu_time_s=30)
     workers = args.workers or default_workers()
@@ -148,16 +172,23 @@ def main() -> None:
         print(f"# {pool.report.summary()}\n")
         meter = CpuMeter([pid for tree in pool.worker_processes().values() for pid in tree])
         sandbox_cpu = (lambda: meter.seconds() + self_cpu()) if meter.seconds() is not None else None
-        rows = []
+        repeats = []
         try:
-            for name, code in SNIPPETS.items():
-                n = args.calls if name == "trivial" else args.heavy_calls
-                sb = measure(functools.partial(sandbox_call, pool, code), n, workers, sandbox_cpu)
-                nv = measure(functools.partial(naive_call, code, limits), n, workers,
-                             lambda: children_cpu() + self_cpu())
-                rows.append((name, sb, nv))
+            for _ in range(max(1, args.repeats)):
+                rows = []
+                for name, code in SNIPPETS.items():
+                    n = args.calls if name == "trivial" else args.heavy_calls
+                    sb = measure(functools.partial(sandbox_call, pool, code), n, workers, sandbox_cpu)
+                    nv = measure(functools.partial(naive_call, code, limits), n, workers,
+                                 lambda: children_cpu() + self_cpu())
+                    rows.append((name, sb, nv))
+                repeats.append(rows)
+                if args.repeats > 1:
+                    print("# repeat", len(repeats), " ".join(f"{nm}: {s['p50_ms']:.1f} vs {b['p50_ms']:.1f} ms"
+                                                             for nm, s, b in rows), flush=True)
         finally:
             meter.close()
+    rows = repeats[-1]
     print("| snippet | runtime | p50 ms | p99 ms | serial calls/s | concurrent calls/s | CPU ms/call |")
     print("|---|---|---|---|---|---|---|")
     for name, sb, nv in rows:
@@ -168,6 +199,19 @@ def main() -> None:
         print(f"| {name} | **ratio** | {nv['p50_ms'] / sb['p50_ms']:.1f}x faster | "
               f"{nv['p99_ms'] / sb['p99_ms']:.1f}x faster | {sb['serial_cps'] / nv['serial_cps']:.1f}x | "
               f"{sb['concurrent_cps'] / nv['concurrent_cps']:.1f}x | {cpu_ratio} |")
+    if len(repeats) > 1:
+        print(f"\n{len(repeats)} repeats: mean [95% t interval] over repeats\n")
+        print("| snippet | sandbox p50 ms | fresh subprocess p50 ms | p50 ratio | serial calls/s ratio | "
+              "concurrent calls/s ratio |")
+        print("|---|---|---|---|---|---|")
+        for i, (name, _, _) in enumerate(rows):
+            per = [r[i] for r in repeats]
+            cols = [[s["p50_ms"] for _, s, _ in per], [b["p50_ms"] for _, _, b in per],
+                    [b["p50_ms"] / s["p50_ms"] for _, s, b in per],
+                    [s["serial_cps"] / b["serial_cps"] for _, s, b in per],
+                    [s["concurrent_cps"] / b["concurrent_cps"] for _, s, b in per]]
+            cells = ["{:.1f} [{:.1f}, {:.1f}]".format(*t_interval(c)) for c in cols]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n# load average at the end: {os.getloadavg()[0]:.1f}")
 
 

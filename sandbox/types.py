@@ -79,8 +79,12 @@ class ExecResult:
     stderr: str
     exit_code: int | None  # -N when ended by signal N; None when the sandbox ended it (timeout, limits, errors)
     status: ExecStatus
-    duration_s: float  # from dispatch to a worker until the result came back
+    duration_s: float  # from dispatch to a worker until the result came back (clean-up included)
     truncated: bool = False  # stdout or stderr was cut at max_output_bytes
+    # Time the worker spent after the code ended emptying what the call left (its /tmp and /dev/shm) before
+    # it replied: part of duration_s, so a call that litters pays for its own clean-up, and bounded by the
+    # scratch tmpfs's inode cap (sandbox.jail.monitor.SCRATCH_INODES). 0.0 when the worker never replied.
+    cleanup_s: float = 0.0
 
     @property
     def ok(self) -> bool:

@@ -213,6 +213,20 @@ def test_clean_up_is_bounded_by_an_inode_cap(pool):
     assert pool.run("import os; print(os.listdir('/tmp'))").stdout == "[]\n"
 
 
+def test_clean_up_time_is_reported_and_counted_against_the_call(pool):
+    """Issue #10: 260k directories made in 2 s once cost the template ~10 s of unseen clean-up. The hostile
+    call's own result now carries its clean-up (`cleanup_s`), inside its `duration_s`; an innocent call after
+    it pays (almost) none of it."""
+    _needs_namespaces(pool)
+    hostile = pool.run("import os\nn = 0\ntry:\n    while True:\n        os.makedirs(f'/tmp/d{n}/e')\n"
+                       "        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
+    assert hostile.stdout.split()[1] == "28", hostile.stdout  # stopped by the inode cap: bounded work
+    innocent = pool.run(INNOCENT)
+    assert innocent.stdout == "42\n"
+    assert 0 < hostile.cleanup_s <= hostile.duration_s, (hostile.cleanup_s, hostile.duration_s)
+    assert innocent.cleanup_s < hostile.cleanup_s / 10, (innocent.cleanup_s, hostile.cleanup_s)
+
+
 def test_cpu_quota_per_call():
     """Two busy processes under a 0.2-core quota: the worker's cgroup throttles them."""
     with SandboxPool(Limits(timeout_s=20, cpu_time_s=20, cpu_cores=0.2), workers=1) as pool:

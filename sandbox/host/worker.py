@@ -184,6 +184,9 @@ class Worker:
             exit_code = head.get("exit_code")
             if exit_code is not None and not isinstance(exit_code, int):
                 raise protocol.ProtocolError(f"bad exit code {exit_code!r}")
+            cleanup_s = head.get("cleanup_s", 0.0)
+            if isinstance(cleanup_s, bool) or not isinstance(cleanup_s, (int, float)) or not cleanup_s >= 0:
+                raise protocol.ProtocolError(f"bad clean-up time {cleanup_s!r}")
         except (EOFError, TimeoutError, protocol.ProtocolError, OSError, ValueError, KeyError) as e:
             why = "hung past its grace period" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
             tail = self.stderr_tail()
@@ -204,4 +207,4 @@ class Worker:
         if status is ExecStatus.SANDBOX_ERROR and head.get("detail"):
             stderr = f"[sandbox] {head['detail']}\n{stderr}"
         return ExecResult(payload[0].decode("utf-8", "replace"), stderr, exit_code, status,
-                          time.monotonic() - started, bool(head.get("truncated")))
+                          time.monotonic() - started, bool(head.get("truncated")), float(cleanup_s))

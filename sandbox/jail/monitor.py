@@ -183,6 +183,7 @@ def run_call(header: dict, buf, scratch: str, ctx: dict, outputs: Outputs) -> di
         if not namespaced:
             _kill(-pid)  # the snippet's process group (it is a session leader)
     _, wait_status, usage = os.wait4(pid, 0)  # before the sweep: a zombie of ours would look like a survivor
+    ended = time.monotonic()
     if namespaced:
         if _call_namespace_busy():
             reaper.sweep(ctx["reaper"])
@@ -191,8 +192,10 @@ def run_call(header: dict, buf, scratch: str, ctx: dict, outputs: Outputs) -> di
         linux.kill_descendants()
     streams.drain()
     streams.close()
-    return _result(reason, wait_status, usage.ru_utime + usage.ru_stime, outputs, limits,
+    head = _result(reason, wait_status, usage.ru_utime + usage.ru_stime, outputs, limits,
                    time.monotonic() - started)
+    head["cleanup_s"] = time.monotonic() - ended  # the process sweep; the template adds the scratch wipe
+    return head
 
 
 def _reap_strays(reaper_pid: int) -> None:

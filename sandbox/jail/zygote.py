@@ -252,7 +252,8 @@ def _serve_one(ctrl: socket.socket, ctx: dict, cfg: dict, number: int) -> bool:
             buf.close()
             started = time.monotonic()
             _cleanup(ctx, scratch, shared_tmp)
-        head["cleanup_s"] = time.monotonic() - started
+        # what the call left behind, cleaned before the reply: counted in its duration and reported
+        head["cleanup_s"] = head.get("cleanup_s", 0.0) + time.monotonic() - started
         protocol.send(ctrl, dict(head, id=header.get("id")), outputs.views())
     except BaseException as e:  # noqa: BLE001 - our state is suspect now: say so, then let the pool replace us
         res = monitor.fail_result(f"template: {type(e).__name__}: {e}")
