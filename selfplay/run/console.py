@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 log = logging.getLogger("selfplay")
@@ -114,6 +115,27 @@ class RunConsole:
                 os.close(fd)
             self._saved = []
         self.tee.log.close()
+
+
+class StageColumn(ProgressColumn):
+    """What the run does now and for how long: `iteration 2 · solve 0:12` (the task's `stage` and `since`
+    fields; `since` is a time.monotonic() stamp). The bar's own elapsed time is the whole run's."""
+
+    def render(self, task: Task) -> Text:
+        what, since = task.fields.get("stage") or "", task.fields.get("since")
+        if not what:
+            return Text("")
+        secs = max(0, int(time.monotonic() - since)) if since is not None else 0
+        return Text(f"{what} {secs // 60}:{secs % 60:02d}", style="cyan")
+
+
+def progress_display(console: Console) -> Progress:
+    """The live line under the console's lines while a run goes (terminals only; transient: it leaves
+    nothing behind). It never takes over sys.stdout/sys.stderr: Python-level writes of the libraries
+    (print, warnings) must keep going to the descriptors, that is to logs/libraries.log, not the screen."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                    TimeElapsedColumn(), StageColumn(), console=console, transient=True,
+                    redirect_stdout=False, redirect_stderr=False)
 
 
 class ConsoleLogHandler(logging.Handler):

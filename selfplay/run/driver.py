@@ -17,11 +17,11 @@ import time
 import traceback
 
 import ray
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from sandbox.selftest import SandboxSelfTestFailed
 from selfplay.run.cluster.actors import Actors, restart_counts
-from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay
+from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay, progress_display
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.pipeline import run_async_iteration
 from selfplay.run.rundir import RunDir, rollback_published
@@ -128,9 +128,7 @@ class Driver:
             console.print(f"resuming after iteration {done} (dropped {dropped} pool tasks of later iterations)")
             log.info("resume: replay %s, metrics %s", replay_dropped, metrics_dropped)
 
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[stage]}"), console=console.rich,
-                            transient=True)
+        progress = progress_display(console.rich)
         started_ray = False
         actors = None
         status, code, crashed = "failed", 1, False
@@ -140,6 +138,11 @@ class Driver:
             console.print(f"starting {where} and the actors (model {cfg.model.name_or_path}, engine "
                           f"{cfg.engine.backend}); their output: {rd.logs}/<actor>.log"
                           + (", libraries.log" if self.capture_libraries else ""))
+            # the live line from here on (a terminal only): vLLM's start alone takes a minute on a CPU
+            bar = progress.add_task("iterations", total=cfg.loop.iterations, completed=done,
+                                    stage="starting the actors", since=time.monotonic())
+            if console.interactive:
+                progress.start()
             known = self._known_tasks()
             if cfg.loop.mode == "reference":
                 from selfplay.run.reference import run_reference_iteration as iterate
@@ -164,14 +167,11 @@ class Driver:
                           known=known)
             if self.resume:
                 self._republish(ctx)
-            if console.interactive:
-                progress.start()
-            bar = progress.add_task("iterations", total=cfg.loop.iterations, completed=done, stage="")
             current = {"it": done + 1}
 
             def on_stage(stage: str) -> None:
                 relay.poll()
-                progress.update(bar, stage=stage)
+                progress.update(bar, stage=f"iteration {current['it']} · {stage}", since=time.monotonic())
                 console.note(f"iteration {current['it']}: {stage}")
 
             ctx.on_stage = on_stage
