@@ -189,6 +189,7 @@ def test_truncate_after_rolls_back_versions_and_consumption(tmp_path):
         buf.mark_consumed(buf.sample("executor", 1, 0).ids, version=1)
         buf.add(group("v1", version=1))
         buf.mark_consumed(buf.sample("executor", 1, 1).ids, version=2)
+        buf.set_advantages({"v0-0": 0.5, "v1-0": 0.25})  # v0 trained by the kept step 0->1, v1 by the lost one
         buf.add(group("v2", version=2))
         buf.add(group("p2", version=2, role="proposer"))
         # the checkpoint is at version 1: the step 1->2 was lost, samples of policy 2 belong to no checkpoint
@@ -197,6 +198,8 @@ def test_truncate_after_rolls_back_versions_and_consumption(tmp_path):
     with ReplayBuffer(tmp_path, rcfg(max_staleness=10)) as buf:
         assert "v2-0" not in buf and "v2b-0" in buf and "p2-0" in buf
         assert buf.is_consumed("v0-0") and not buf.is_consumed("v1-0")
+        advantage = {t.traj_id: t.advantage for t in buf.trajectories()}
+        assert (advantage["v0-0"], advantage["v1-0"]) == (0.5, 0.0)  # the lost step's advantage is forgotten
         assert [t.group_id for t in buf.sample("executor", 5, 2).trajectories][::4] == ["v1", "v2b"]
 
 

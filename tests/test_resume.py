@@ -16,13 +16,14 @@ import os
 import signal
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
+from selfplay.run.loop import PAUSE_ENV
 from selfplay.run.rundir import RunDir
 from test_selfplay_e2e import DEBUG, TINY, finish, selfplay, wait_for
 
-pytestmark = pytest.mark.slow
 ARGS = (DEBUG, *TINY, "loop.iterations=2", "verifier.probes=0")  # probes: their own seeded solve, not needed here
 ITERATION = 2
 # Every boundary of iteration 2, in order. SIGTERM/SIGINT stop at the next safe point, which exists before
@@ -103,6 +104,69 @@ def _left_over(rd: RunDir, committed: int) -> dict:
     return {"pool": pool, "replay": replay, "metrics": metrics}
 
 
+# ------------------------------------------------------------------------------------------ unit level
+def test_sigterm_and_sigint_reach_the_same_handler_state(tmp_path):
+    """Both signals run one handler: the same stop flag and a `signal` event naming the signal; the third
+    leaves at once (KeyboardInterrupt). The chains below send each at real boundaries."""
+    from selfplay.config import load_config
+    from selfplay.run.driver import Driver
+
+    rd = RunDir.create(load_config(DEBUG, [f"run_dir={tmp_path / 'run'}"]))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    states = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            driver = Driver(rd)
+            driver._install_signals()
+            assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == driver._on_signal
+            os.kill(os.getpid(), sig)
+            states[sig.name] = (driver._stop, driver._signals, rd.read_events()[-1]["signal"])
+            os.kill(os.getpid(), sig)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert states == {"SIGTERM": (True, 1, "SIGTERM"), "SIGINT": (True, 1, "SIGINT")}
+
+
+def test_pause_point_stops_the_driver_at_each_stage_event_of_the_chosen_iteration(tmp_path):
+    """`SELFPLAY_PAUSE_AT_ITERATION=2`: a SIGSTOP right after each stage event of iteration 2, none elsewhere."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types; from pathlib import Path; from selfplay.run.loop import stage; "
+            "from selfplay.run.rundir import RunDir; ctx = types.SimpleNamespace(rd=RunDir(Path(sys.argv[1])), "
+            "stop_requested=lambda: False, on_stage=lambda s: None)\n"
+            "for it in (1, 2, 3):\n    with stage(ctx, it, 'propose'): pass")
+    rd = RunDir(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env={**os.environ, PAUSE_ENV: "2"})
+    paused, seen = [], 0
+    try:
+        while proc.poll() is None:
+            if _state(proc.pid) == "T":
+                events = rd.read_events()
+                if len(events) > seen:  # a new pause (not the last one, before SIGCONT took)
+                    seen = len(events)
+                    paused.append((events[-1]["iteration"], events[-1]["phase"]))
+                os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0
+    assert paused == [(2, "start"), (2, "end")]
+    assert len(rd.read_events()) == 6
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> RunDir:
     rd = RunDir(tmp_path_factory.mktemp("straight") / "run")
@@ -112,6 +176,7 @@ def uninterrupted(tmp_path_factory) -> RunDir:
     return rd
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(3000)  # nine stops and resumes: ~8 min on an idle 2-core VM, ~20 under load
 def test_stopped_at_every_stage_boundary_resumes_to_the_uninterrupted_run(tmp_path, uninterrupted):
     rd = RunDir(tmp_path / "run")

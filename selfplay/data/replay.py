@@ -321,7 +321,10 @@ class ReplayBuffer:
                     self._remove(tid)
                     self.counters["truncated"] += 1
                 elif e.consumed_at is not None and e.consumed_at > version:
+                    # the advantage the lost step stored goes too (before it, the sample had none; self-imitation
+                    # ranks replays by it)
                     e.consumed_at = None
+                    e.traj = dataclasses.replace(e.traj, advantage=0.0)
                     self.counters["consumed"] -= 1
 
     def _apply_and_log(self, events: list[tuple[str, str, int | None, str | None, float | None]]) -> None:

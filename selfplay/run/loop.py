@@ -12,7 +12,9 @@ Steps talk to Ray actor handles (selfplay/run/cluster/actors.py); the math lives
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -116,8 +118,23 @@ def stage(ctx: Context, iteration: int, name: str, safe_point: bool = True) -> I
     else:
         ctx.on_stage(name)
     ctx.rd.event("stage", iteration=iteration, stage=name, phase="start")
+    pause_point(iteration)
     yield
     ctx.rd.event("stage", iteration=iteration, stage=name, phase="end")
+    pause_point(iteration)
+
+
+PAUSE_ENV = "SELFPLAY_PAUSE_AT_ITERATION"
+
+
+def pause_point(iteration: int) -> None:
+    """With `SELFPLAY_PAUSE_AT_ITERATION=N` (comma-separated list), the driver stops itself (SIGSTOP) right
+    after writing each stage event of iteration N, and goes on when sent SIGCONT. A crash test freezes the
+    run there, copies the run directory and sends SIGKILL, SIGTERM or SIGINT exactly at the boundary
+    (tests/test_resume.py) instead of some milliseconds later. Unset (always, outside tests): nothing."""
+    wanted = os.environ.get(PAUSE_ENV)
+    if wanted and str(iteration) in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 # ---------------------------------------------------------------------------------------------- steps
