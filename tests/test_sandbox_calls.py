@@ -64,7 +64,10 @@ def test_each_call_gets_its_own_ipc_namespace(pool):
     second = pool.run(SHM_READ)
     sid, err, ns = second.stdout.split()
     assert (sid, int(err)) == ("-1", 2), second.stdout  # ENOENT: the segment died with the first call
-    assert ns != first.stdout.split()[1]  # a different /proc/self/ns/ipc
+    # The segment's absence is the check. Comparing /proc/self/ns/ipc between the calls is not: the kernel
+    # frees a dead namespace asynchronously and reuses its inode number (at load 10 two consecutive calls
+    # showed the same number), so equal numbers do not mean one shared namespace.
+    assert ns.startswith("ipc:[") and first.stdout.split()[1].startswith("ipc:["), (first.stdout, ns)
     _innocent_ok(pool)
 
 

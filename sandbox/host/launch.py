@@ -19,6 +19,7 @@ import shutil
 import site
 import stat
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,20 +80,53 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _venv() -> str | None:
+    return os.path.abspath(sys.prefix) if sys.prefix != sys.base_prefix else None
+
+
 def jail_paths() -> dict[str, str]:
-    """host Python dir -> where the jail shows it. The virtualenv (sys.prefix when it is not the base install)
-    and anything under a dir the jail owns go to JAIL_PYTHON/...; a base install elsewhere keeps its path (a
-    venv's pyvenv.cfg and the interpreter's rpath name it)."""
+    """host Python dir -> where the jail shows it. The virtualenv goes to JAIL_PYTHON/venv, the base install
+    (when it is not a system dir such as /usr) to JAIL_PYTHON/base, any other Python dir outside the system
+    dirs to JAIL_PYTHON/N: no host path of the install (a pyenv/uv/conda dir under a home dir, a checkout)
+    is a path inside the jail. The venv's pyvenv.cfg and its interpreter links, which name the base install's
+    host path, are rewritten in the jail (`venv_layout`); the interpreter's rpath by LD_LIBRARY_PATH."""
     out: dict[str, str] = {}
-    venv = os.path.abspath(sys.prefix) if sys.prefix != sys.base_prefix else None
+    venv = _venv()
+    base = os.path.abspath(sys.base_prefix)
+    system = [p for p in SYSTEM_PATHS if os.path.exists(p)]
     for i, path in enumerate(python_paths()):
         if path == venv:
             out[path] = f"{JAIL_PYTHON}/venv"
-        elif any(_under(path, root) for root in JAIL_OWNED):
-            out[path] = f"{JAIL_PYTHON}/{i}"
+        elif any(_under(path, root) for root in system):
+            out[path] = path  # /usr/lib/python3.x: the same on every host of that distribution
+        elif path == base:
+            out[path] = f"{JAIL_PYTHON}/base"
         else:
-            out[path] = path
+            out[path] = f"{JAIL_PYTHON}/{i}"
     return out
+
+
+def base_relocated() -> bool:
+    return jail_path(sys.base_prefix, jail_paths()) != os.path.abspath(sys.base_prefix)
+
+
+def venv_config(mapping: dict[str, str]) -> str | None:
+    """The venv's pyvenv.cfg as the jail shows it: `home`/`executable` point at the relocated base install,
+    `command` (the host command that made the venv) is dropped. None when there is no venv."""
+    venv = _venv()
+    if venv is None or not os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        return None
+    lines = []
+    with open(os.path.join(venv, "pyvenv.cfg")) as f:
+        for line in f:
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if sep and key in ("home", "executable", "base-prefix", "base-exec-prefix", "base-executable"):
+                line = f"{key} = {jail_path(os.path.realpath(value.strip()), mapping)}\n"
+            elif sep and key == "command":
+                continue
+            lines.append(line)
+    return "".join(lines)
 
 
 def jail_path(path: str, mapping: dict[str, str]) -> str:
@@ -151,11 +185,24 @@ class LaunchSpec:
         paths = python_paths() + ([] if reachable_by_others(PACKAGE_DIR) else [PACKAGE_DIR])
         return [(p, os.path.join(self.workdir, "stage", str(i))) for i, p in enumerate(paths)]
 
+    def venv_config_path(self) -> str | None:
+        """Where the jail's pyvenv.cfg is written (in the pool's dir); None: the venv is shown as it is."""
+        if not (self.jail and self.workdir and _venv()):
+            return None
+        return os.path.join(self.workdir, "pyvenv.cfg")
+
     def prepare(self) -> None:
-        """Create the stage mount points (empty dirs; the binds exist only in each launcher's namespace)."""
+        """Create the stage mount points (empty dirs; the binds exist only in each launcher's namespace) and
+        the jail's pyvenv.cfg."""
         for _, target in self.stage_pairs():
             os.makedirs(target, mode=0o755, exist_ok=True)
             os.chmod(target, 0o755)
+        path = self.venv_config_path()
+        text = venv_config(jail_paths()) if path else None
+        if path and text is not None:
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o644)
 
     def read_paths(self) -> list[str]:
         """What a snippet may read, as paths it sees (Landlock's allow-list). In the jail, everything that
@@ -176,8 +223,14 @@ class LaunchSpec:
     def launch_env(self) -> dict[str, str]:
         if not self.jail:
             return self.env
-        bin_dir = jail_path(os.path.dirname(os.path.abspath(sys.executable)), jail_paths())
-        return dict(self.env, PATH=scrubbed_env(bin_dir)["PATH"])
+        mapping = jail_paths()
+        bin_dir = jail_path(os.path.dirname(os.path.abspath(sys.executable)), mapping)
+        env = dict(self.env, PATH=scrubbed_env(bin_dir)["PATH"])
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if base_relocated() and sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and os.path.isdir(libdir):
+            # a shared-libpython build finds libpython through an absolute rpath to its host dir: gone here
+            env["LD_LIBRARY_PATH"] = jail_path(libdir, mapping)
+        return env
 
     def command(self, ctrl_fd: int, scratch_root: str | None, cgroup_procs: list[str]) -> list[str]:
         """The launcher's argv; it joins the cgroup, stages, drops uid and execs bwrap or the template, which
@@ -196,6 +249,28 @@ class LaunchSpec:
                 "uid": self.uid if self.jail else None, "gid": self.gid if self.jail else None}
         return [sys.executable, "-I", "-S", os.path.join(HOST_DIR, "launcher.py"), json.dumps(spec)]
 
+    @staticmethod
+    def _venv_args(venv: str, inside: str, cfg: str, staged: dict[str, str]) -> list[str]:
+        """The venv assembled in the jail's tmpfs: its dirs bound read-only, our pyvenv.cfg, and a bin/ that
+        holds only the interpreter names, linked to the relocated base interpreter (the venv's own links
+        and scripts name host paths)."""
+        args = ["--dir", inside, "--dir", f"{inside}/bin", "--ro-bind", cfg, f"{inside}/pyvenv.cfg"]
+        exe = jail_path(os.path.realpath(sys.executable), jail_paths())
+        for name in sorted(os.listdir(venv)):
+            path = os.path.join(venv, name)
+            if name in ("bin", "pyvenv.cfg"):
+                continue
+            if os.path.islink(path):
+                target = os.readlink(path)
+                if not os.path.isabs(target):  # lib64 -> lib
+                    args += ["--symlink", target, f"{inside}/{name}"]
+            elif os.path.isdir(path) or os.path.isfile(path):
+                args += ["--ro-bind", jail_path(path, staged), f"{inside}/{name}"]
+        names = {os.path.basename(sys.executable), "python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+        for name in sorted(names):
+            args += ["--symlink", exe, f"{inside}/bin/{name}"]
+        return args
+
     def _bwrap_args(self) -> list[str]:
         args = [self.bwrap, "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
                 "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
@@ -209,8 +284,11 @@ class LaunchSpec:
                 args += ["--symlink", os.readlink(path), path]  # /lib -> usr/lib on merged-/usr systems
             else:
                 args += ["--ro-bind", path, path]
+        venv, cfg = _venv(), self.venv_config_path()
         for path, inside in jail_paths().items():
-            if inside != path or not any(_under(path, s) for s in system):
+            if path == venv and cfg:
+                args += self._venv_args(venv, inside, cfg, staged)
+            elif inside != path or not any(_under(path, s) for s in system):
                 args += ["--ro-bind", staged.get(path, path), inside]
         args += ["--ro-bind", staged.get(PACKAGE_DIR, PACKAGE_DIR), f"{JAIL_LIB}/sandbox"]
         # glibc reads the THP mode and size from here before it will madvise its heap (see scrubbed_env)
