@@ -32,7 +32,9 @@ LIMITS = Limits(timeout_s=3.0, cpu_time_s=3.0, memory_mb=512, max_processes=32)
 def pool():
     # Processes other test modules left below this pytest process are theirs to answer for, not the pool's.
     before = set(descendants(os.getpid()))
-    with SandboxPool(LIMITS, workers=2, hang_grace_s=4.0) as p:
+    # the default grace (10 s): after a fork bomb the template kills and reaps 32 busy processes inside the
+    # slot's 1-core CPU quota; on a 2-core host at load 10+ that took over 4 s (declared hung)
+    with SandboxPool(LIMITS, workers=2, hang_grace_s=10.0) as p:
         p.preexisting = before
         p.baseline_tree_sizes = sorted(len(t) for t in p.worker_processes().values())
         yield p
@@ -195,7 +197,7 @@ def test_runaway_code_is_killed_at_the_wall_clock(pool):
     results = pool.run_many(list(codes.values()), stdin="x" * 1_000_000, timeout_s=2.0)
     for name, r in zip(codes, results, strict=True):
         assert r.status is ExecStatus.TIMEOUT, (name, r)
-        assert r.exit_code is None and r.duration_s < 2.0 + 4, (name, r.duration_s)
+        assert r.exit_code is None and r.duration_s < 2.0 + 10, (name, r.duration_s)
 
 
 def test_cpu_time_limit_is_a_timeout(pool):
