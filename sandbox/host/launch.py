@@ -89,7 +89,8 @@ def jail_paths() -> dict[str, str]:
     (when it is not a system dir such as /usr) to JAIL_PYTHON/base, any other Python dir outside the system
     dirs to JAIL_PYTHON/N: no host path of the install (a pyenv/uv/conda dir under a home dir, a checkout)
     is a path inside the jail. The venv's pyvenv.cfg and its interpreter links, which name the base install's
-    host path, are rewritten in the jail (`venv_layout`); the interpreter's rpath by LD_LIBRARY_PATH."""
+    host path, are rewritten in the jail (`venv_config`, `LaunchSpec._venv_args`); the interpreter's rpath
+    is covered by LD_LIBRARY_PATH (`LaunchSpec.launch_env`)."""
     out: dict[str, str] = {}
     venv = _venv()
     base = os.path.abspath(sys.base_prefix)
@@ -103,6 +104,14 @@ def jail_paths() -> dict[str, str]:
             out[path] = f"{JAIL_PYTHON}/base"
         else:
             out[path] = f"{JAIL_PYTHON}/{i}"
+    return out
+
+
+def _with_real_paths(mapping: dict[str, str]) -> dict[str, str]:
+    """`mapping` plus each host dir's resolved path (pyvenv.cfg and interpreter links may name either)."""
+    out = dict(mapping)
+    for host, inside in mapping.items():
+        out.setdefault(os.path.realpath(host), inside)
     return out
 
 
@@ -122,7 +131,7 @@ def venv_config(mapping: dict[str, str]) -> str | None:
             key, sep, value = line.partition("=")
             key = key.strip()
             if sep and key in ("home", "executable", "base-prefix", "base-exec-prefix", "base-executable"):
-                line = f"{key} = {jail_path(os.path.realpath(value.strip()), mapping)}\n"
+                line = f"{key} = {jail_path(value.strip(), _with_real_paths(mapping))}\n"
             elif sep and key == "command":
                 continue
             lines.append(line)
@@ -255,7 +264,7 @@ class LaunchSpec:
         holds only the interpreter names, linked to the relocated base interpreter (the venv's own links
         and scripts name host paths)."""
         args = ["--dir", inside, "--dir", f"{inside}/bin", "--ro-bind", cfg, f"{inside}/pyvenv.cfg"]
-        exe = jail_path(os.path.realpath(sys.executable), jail_paths())
+        exe = jail_path(os.path.realpath(sys.executable), _with_real_paths(jail_paths()))
         for name in sorted(os.listdir(venv)):
             path = os.path.join(venv, name)
             if name in ("bin", "pyvenv.cfg"):
