@@ -75,16 +75,17 @@ def _scalars(rd, key: str) -> dict[int, float]:
         con.close()
 
 
-def _check_async_run(rd) -> None:
+def _check_async_run(rd, iterations: int = 3) -> None:
+    """Invariants of a finished asynchronous run (also after kills and resumes, tests/test_resume.py)."""
     state = rd.state()
-    assert state["status"] == "finished" and state["iteration"] == 3, state
+    assert state["status"] == "finished" and state["iteration"] == iterations, state
     rows = _trained(rd)
     assert len({r[1] for r in rows}) == len(rows)  # no trajectory twice
     # every rollout was trained (the last iteration drains), one step each (proposer_updates=1): the proposer's
     # version counts its steps, so a lost or repeated step on any iteration's rollouts changes it
     assert all(consumed is not None for _, _, _, consumed, _ in rows)
-    assert {it for role, *_, it in rows if role == "proposer"} == {1, 2, 3}
-    assert state["versions"]["proposer"] == 3
+    assert {it for role, *_, it in rows if role == "proposer"} == set(range(1, iterations + 1))
+    assert state["versions"]["proposer"] == iterations
     ages = [consumed - 1 - born for _, _, born, consumed, _ in rows]
     assert max(ages) == 1 and min(ages) == 0  # one version old at most, and some were: the pipeline overlapped
     for role in ("proposer", "executor"):
