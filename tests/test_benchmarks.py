@@ -208,3 +208,38 @@ def test_extract_code_takes_last_python_block():
     text = ("```python\nprint(1)\n```\n```output\n1\n```\nSo:\n```python\ndef f():\n    return 2\n```\n")
     assert extract_code(text) == "def f():\n    return 2\n"
     assert extract_code("no code here") is None
+
+
+def test_a_saved_datasets_dataset_and_a_hub_id_are_sources(tmp_path, monkeypatch):
+    """A `datasets` dataset (save_to_disk: a Dataset, or a DatasetDict and its split) loads through the same
+    field mapping as a file, for `selfplay eval` and `reference.source` alike; any hub id (owner/name) goes to
+    `datasets.load_dataset` and, offline, fails naming the id and the command that makes a local copy."""
+    import datasets
+    import huggingface_hub.constants
+
+    from selfplay.config import load_config
+    from selfplay.evaluation.reference import reference_items
+
+    rows = [{"problem": f"What is {i} + {i}?", "solution": f"\\boxed{{{2 * i}}}", "uid": f"q{i}"} for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "plain"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dict"))
+    fields = "id=uid,question=problem,answer=solution"
+    bench = load_benchmark(str(tmp_path / "plain"), fields=fields)
+    assert [(it.id, it.answer) for it in bench.items] == [(f"q{i}", str(2 * i)) for i in range(6)]
+    assert [it.id for it in load_benchmark(str(tmp_path / "dict"), fields=fields, split="test").items] == ["q4", "q5"]
+    with pytest.raises(BenchmarkError, match="no split 'validation'"):
+        load_benchmark(str(tmp_path / "dict"), fields=fields, split="validation")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(BenchmarkError, match="save_to_disk"):
+        load_benchmark(str(tmp_path / "junk"), fields=fields)
+    cfg = load_config(None, ["loop.mode=reference", f"reference.source={tmp_path / 'dict'}",
+                             f"reference.fields={fields}"])
+    assert [it.question for it in reference_items(cfg.reference)] == [r["problem"] for r in rows[:4]]
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BenchmarkError, match="declare its columns"):
+        load_benchmark("someone/arith-set")
+    with pytest.raises(BenchmarkError, match=r"(?s)someone/arith-set.*--fields question=q,answer=a"):
+        load_benchmark("someone/arith-set", fields="question=q,answer=a")

@@ -189,21 +189,40 @@ def _load_rows(path: Path, split: str | None) -> tuple[list[dict[str, Any]], lis
     return ds.to_list(), list(ds.column_names)
 
 
-def _load_hub(spec: BenchmarkSpec, split: str | None) -> list[dict[str, Any]]:
+def _load_hub(hub_id: str, config: str | None, split: str, name: str, fields: str) -> list[dict[str, Any]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.hub_id, spec.hub_config, split=split or spec.split)
+        ds = datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:
-        cfg = f", {spec.hub_config!r}" if spec.hub_config else ""
+        cfg = f", {config!r}" if config else ""
         raise BenchmarkError(
-            f"cannot load benchmark {spec.name!r} from the hub ({spec.hub_id}): {type(e).__name__}: {str(e)[:200]}\n"
+            f"cannot load benchmark {name!r} from the hub ({hub_id}): {type(e).__name__}: {str(e)[:200]}\n"
             f"Offline? On a machine with network run\n"
-            f"  python -c \"import datasets; datasets.load_dataset({spec.hub_id!r}{cfg}, "
-            f"split={split or spec.split!r}).to_json('{spec.name}.jsonl')\"\n"
-            f"then pass --benchmark {spec.name}.jsonl --fields {spec.name}"
+            f"  python -c \"import datasets; datasets.load_dataset({hub_id!r}{cfg}, "
+            f"split={split!r}).to_json('{name.replace('/', '_')}.jsonl')\"\n"
+            f"then pass --benchmark {name.replace('/', '_')}.jsonl --fields {fields}"
         ) from None
     return ds.to_list()
+
+
+def _load_saved(path: Path, split: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """A `datasets` dataset written by `save_to_disk` (a Dataset, or a DatasetDict and a split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise BenchmarkError(f"{path}: a directory, but not a dataset saved by datasets' save_to_disk: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "train") not in ds:
+            raise BenchmarkError(f"{path}: no split {split or 'train'!r} (splits: {', '.join(ds)})")
+        ds = ds[split or "train"]
+    return ds.to_list(), list(ds.column_names)
+
+
+# a hub dataset id as `datasets` takes it: owner/name, or a bare name with no file suffix
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def load_benchmark(name_or_path: str, fields: str | dict[str, str] | None = None, split: str | None = None,
@@ -226,14 +245,26 @@ def load_benchmark(name_or_path: str, fields: str | dict[str, str] | None = None
         return Benchmark(GENERATED, "math", items, "generated(seed=0)")
     if name_or_path in KNOWN and not path.exists():
         spec = KNOWN[name_or_path]
-        rows = _load_hub(spec, split)
+        rows = _load_hub(spec.hub_id, spec.hub_config, split or spec.split, spec.name, spec.name)
         items = items_from_rows(rows, declared or spec.fields, spec.hub_id or spec.name, regex or spec.answer_regex)
         return Benchmark(spec.name, spec.check, items[:limit] if limit else items, spec.hub_id or spec.name)
-    if not path.exists():
+    if path.is_dir():
+        rows, columns = _load_saved(path, split)
+    elif path.exists():
+        rows, columns = _load_rows(path, split)
+    elif HUB_ID.fullmatch(name_or_path) and not path.suffix.lower() in LOCAL_SUFFIXES:
+        if not declared:
+            raise BenchmarkError(f"hub dataset {name_or_path!r}: declare its columns with fields "
+                                 f"(question=...,answer=...)")
+        rows = _load_hub(name_or_path, None, split or "train", name_or_path,
+                         ",".join(f"{k}={v}" for k, v in declared.items()))
+        items = items_from_rows(rows, declared, name_or_path, regex)
+        return Benchmark(name_or_path, _check_of(declared), items[:limit] if limit else items, name_or_path)
+    else:
         raise BenchmarkError(
-            f"benchmark {name_or_path!r} is neither a known name ({', '.join([*KNOWN, GENERATED])}) nor an existing file"
+            f"benchmark {name_or_path!r} is neither a known name ({', '.join([*KNOWN, GENERATED])}), an existing "
+            f"file or saved dataset, nor a hub id (owner/name)"
         )
-    rows, columns = _load_rows(path, split)
     if not rows:
         raise BenchmarkError(f"{path}: no rows")
     mapping = declared or _guess_fields(columns, str(path))
