@@ -258,8 +258,8 @@ class ReferenceConfig(Section):
     """Tasks with known answers: the training tasks of `loop.mode: reference` (RLVR, the control experiment)
     and the verifier's probes. `generated` is the benchmark generator on a training split (its own seed);
     else a local JSONL/JSON/Parquet/CSV file, a saved `datasets` dataset, a known benchmark or a hub id,
-    read with `selfplay eval`'s field mapping. Questions that are also evaluation items (`eval.benchmark`, and the generated benchmark's
-    default items) are removed, so evaluation stays held out."""
+    read with `selfplay eval`'s field mapping. Questions that are also evaluation items (`eval.benchmark`,
+    and the generated benchmark's default items) are removed, so evaluation stays held out."""
 
     source: str = "generated"
     fields: str | None = None  # as `selfplay eval --fields`: "question=problem,answer=solution"
