@@ -11,6 +11,7 @@ endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONFIG ?= configs/debug.yaml
+PORT ?= 8321
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install run test test-fast test-gpu bench bench-speed bench-selfplay-run bench-eval bench-learning bench-learning-check dashboard-demo browser doctor clean
@@ -108,7 +109,7 @@ bench-learning-check: install
 dashboard-demo: install
 	rm -rf runs/dashboard-demo
 	$(PY) -m selfplay.dashboard.demo runs/dashboard-demo --iterations 30
-	$(VENV)/bin/selfplay dashboard runs/dashboard-demo --port 8321
+	$(VENV)/bin/selfplay dashboard runs/dashboard-demo --port $(PORT)
 
 doctor: install
 	$(PY) -m sandbox doctor

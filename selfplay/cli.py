@@ -46,7 +46,13 @@ class App(typer.Typer):
             sys.exit(code)
 
 
-app = App(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+USAGE = ("LLM self-play: a curriculum proposer, a tool-using executor and a verifier, trained with RL.\n\n"
+         "Start with `selfplay run configs/debug.yaml` (what `make run` does); it prints its run directory RUN "
+         "(runs/NAME-DATE by default): follow it with `selfplay status RUN` and `selfplay dashboard RUN`. "
+         "Overrides are dotted keys after the config: `selfplay run configs/debug.yaml loop.iterations=5`. "
+         "Errors are one line; `--verbose` (or SELFPLAY_DEBUG=1) adds the traceback.")
+# the module's docstring is for developers; `selfplay --help` shows USAGE
+app = App(add_completion=False, no_args_is_help=True, help=USAGE, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 RUN_LOG: list[Path] = []  # the driver log of the run this process started, named in error messages
 

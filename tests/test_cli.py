@@ -210,3 +210,11 @@ def test_run_into_a_directory_that_holds_a_run_points_at_resume(tmp_path):
     res = selfplay("run", DEBUG, f"run_dir={run}", env={"HF_HUB_OFFLINE": "1"})
     assert_short(res, f"run_dir {run} already holds a run", f"selfplay resume {run}")
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written into it
+
+
+def test_help_tells_a_user_where_to_start_not_how_the_module_is_built():
+    res = selfplay("--help")
+    assert res.returncode == 0
+    text = " ".join(res.stdout.split())
+    assert "selfplay run configs/debug.yaml" in text and "selfplay status RUN" in text
+    assert "App.__call__" not in text and "Heavy imports" not in text  # the module docstring, for developers
