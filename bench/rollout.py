@@ -16,7 +16,7 @@ tokens from the same seeds, so their throughput ratio is their wall-time ratio.
 
     .venv/bin/python bench/rollout.py                     # hf and vllm, batches 1 8 32 64
     .venv/bin/python bench/rollout.py --backends hf --batch-sizes 1 8 --max-tokens 32
-    .venv/bin/python bench/rollout.py --schedules --repeats 3   # round-based vs per-conversation only
+    .venv/bin/python bench/rollout.py --schedules --repeats 4 --max-tokens 48   # round-based vs per-conversation
 """
 from __future__ import annotations
 
@@ -107,8 +107,11 @@ def slow_tool(pool):
     return run_many
 
 
-def schedules(args) -> dict[str, list[float]]:
-    """Generated (model-written) tokens per second of each schedule, `args.repeats` alternating runs each."""
+def schedules(args) -> dict[str, list]:
+    """Generated (model-written) tokens per second of each schedule: one short warm-up of each, then
+    `args.repeats` adjacent pairs (order alternating, same seed within a pair, a new seed per pair)."""
+    import os
+
     from roles.executor import Executor
     from sandbox import Limits, SandboxPool
     from selfplay.config import ExecutorConfig
@@ -117,26 +120,40 @@ def schedules(args) -> dict[str, list[float]]:
     engine = make_engine(ModelConfig(max_model_len=2048),
                          EngineConfig(backend="vllm", max_batch_size=64, kv_cache_space_gib=2.0), seed=0)
     questions = SCHEDULE_QUESTIONS[: args.tasks]
-    rates: dict[str, list[float]] = {"rounds": [], "conversations": []}
+    out: dict[str, list] = {"rounds": [], "conversations": [], "runs": []}
     with SandboxPool(Limits(timeout_s=10, cpu_time_s=10), workers=args.tool_workers) as pool:
         tool = slow_tool(pool)
-        for rep in range(args.repeats + 1):  # the first pair warms the engine and the sandbox up
+
+        def run(schedule: str, qs: list[str], samples: int, seed: int) -> dict:
+            cfg = ExecutorConfig(samples_per_task=samples, max_turns=args.turns, temperature=0.8,
+                                 max_tokens_per_turn=args.max_tokens, schedule=schedule,
+                                 max_concurrent_tools=args.tool_workers)
+            executor = Executor(engine, tool, cfg, max_model_len=2048, tool_timeout_s=10)
+            load, start = os.getloadavg()[0], time.perf_counter()
+            groups = executor.rollout(qs, prefill="```python\n", seed=seed)
+            sec = time.perf_counter() - start
+            rs = [r for g in groups for r in g]
+            row = {"schedule": schedule, "seed": seed, "seconds": sec, "load": load,
+                   "tokens": sum(sum(r.loss_mask) for r in rs), "calls": sum(r.n_tool_calls for r in rs),
+                   "tool_s": sum(c.duration_s for r in rs for c in r.tool_calls),
+                   "completions": [r.completion_ids for r in rs]}
+            print(f"{schedule:>13} seed {seed}: {row['tokens']} tokens, {row['calls']} tool calls "
+                  f"({row['tool_s']:.0f} s of tools), {sec:.1f} s = {row['tokens'] / sec:.1f} tok/s, "
+                  f"load {load:.1f}", flush=True)
+            return row
+
+        for schedule in ("rounds", "conversations"):  # warm-up: engine graphs, prefix cache, sandbox workers
+            run(schedule, questions[:1], 2, 999)
+        for rep in range(args.repeats):
+            pair = {}
             for schedule in ("rounds", "conversations") if rep % 2 == 0 else ("conversations", "rounds"):
-                cfg = ExecutorConfig(samples_per_task=args.samples, max_turns=args.turns, temperature=0.8,
-                                     max_tokens_per_turn=args.max_tokens, schedule=schedule)
-                executor = Executor(engine, tool, cfg, max_model_len=2048, tool_timeout_s=10)
-                start = time.perf_counter()
-                groups = executor.rollout(questions, prefill="```python\n", seed=1000 + rep)
-                sec = time.perf_counter() - start
-                rs = [r for g in groups for r in g]
-                tokens = sum(sum(r.loss_mask) for r in rs)
-                calls = sum(r.n_tool_calls for r in rs)
-                print(f"{schedule:>13} rep {rep}: {tokens} tokens, {calls} tool calls, {sec:.1f} s = "
-                      f"{tokens / sec:.1f} tok/s", flush=True)
-                if rep:
-                    rates[schedule].append(tokens / sec)
+                pair[schedule] = run(schedule, questions, args.samples, 1000 + rep)
+                out[schedule].append(pair[schedule]["tokens"] / pair[schedule]["seconds"])
+            same = pair["rounds"].pop("completions") == pair["conversations"].pop("completions")
+            out["runs"].append({**pair, "same_tokens": same})
+            print(f"  pair {rep}: both schedules sampled the same tokens: {same}", flush=True)
     engine.close()
-    return rates
+    return out
 
 
 def ci95(xs: list[float]) -> tuple[float, float]:
@@ -150,16 +167,25 @@ def ci95(xs: list[float]) -> tuple[float, float]:
     return m, t.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / len(xs) ** 0.5
 
 
-def report_schedules(args, rates: dict[str, list[float]]) -> None:
+def report_schedules(args, rates: dict[str, list]) -> None:
     (r, r_ci), (c, c_ci) = ci95(rates["rounds"]), ci95(rates["conversations"])
     ratios = [b / a for a, b in zip(rates["rounds"], rates["conversations"])]  # paired: same seeds, adjacent runs
     q, q_ci = ci95(ratios)
+    runs = rates["runs"]
+    loads = [p[s]["load"] for p in runs for s in ("rounds", "conversations")]
+    wall = {s: ci95([p[s]["seconds"] for p in runs]) for s in ("rounds", "conversations")}
+    tools = {s: ci95([p[s]["tool_s"] for p in runs]) for s in ("rounds", "conversations")}
     print(f"\nMulti-turn executor rollouts on vLLM, {args.tasks} tasks x {args.samples} samples, up to "
           f"{args.turns} tool calls, {args.max_tokens} tokens per turn, tool latency mix {sorted(set(LATENCIES))} s "
-          f"({args.tool_workers} sandbox workers); {len(ratios)} paired runs, mean +- 95% CI")
-    print("| schedule | generated tok/s | ratio |\n|---|---|---|")
-    print(f"| round-based | {r:.1f} +- {r_ci:.1f} | 1.00 |")
-    print(f"| per-conversation | {c:.1f} +- {c_ci:.1f} | {q:.2f} +- {q_ci:.2f} |")
+          f"({args.tool_workers} sandbox workers); {len(ratios)} paired runs, mean +- 95% CI, load average "
+          f"{min(loads):.1f}-{max(loads):.1f}; same tokens on both schedules in "
+          f"{sum(p['same_tokens'] for p in runs)}/{len(runs)} pairs")
+    print("| schedule | generated tok/s | wall s | tool-call s (sum) | ratio |\n|---|---|---|---|---|")
+    print(f"| round-based | {r:.1f} +- {r_ci:.1f} | {wall['rounds'][0]:.1f} +- {wall['rounds'][1]:.1f} "
+          f"| {tools['rounds'][0]:.0f} | 1.00 |")
+    print(f"| per-conversation | {c:.1f} +- {c_ci:.1f} | {wall['conversations'][0]:.1f} +- "
+          f"{wall['conversations'][1]:.1f} | {tools['conversations'][0]:.0f} | {q:.2f} +- {q_ci:.2f} |")
+    print("per-pair ratios: " + ", ".join(f"{x:.2f}" for x in ratios))
 
 
 def main() -> None:
@@ -174,13 +200,12 @@ def main() -> None:
     ap.add_argument("--naive-conversations", type=int, default=4)
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--schedules", action="store_true", help="only round-based vs per-conversation (vLLM)")
-    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=6)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tool-workers", type=int, default=8)
     args = ap.parse_args()
     if args.schedules:
-        args.turns = max(args.turns, 3) if args.turns else 3
         rates = schedules(args)
         report_schedules(args, rates)
         if args.json:
