@@ -82,6 +82,8 @@ bench-speed: install
 	$(PY) bench/scale.py
 	$(PY) bench/iteration.py engine.backend=hf loop.iterations=1
 	$(PY) bench/iteration.py engine.backend=vllm loop.iterations=1
+	$(PY) bench/rollout.py --schedules --repeats 4 --max-tokens 48
+	$(PY) bench/iteration.py --pipelines --repeats 2 loop.iterations=3
 
 # The 6-iteration debug run that the evaluation and learning-signal tables read (resumed if it was cut short).
 $(BENCH_RUNS)/after-selfplay/state.json: | install
