@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--beta", type=float, default=0.01, help="KL coefficient (both sides)")
     ap.add_argument("--parts", default="update,rollout", help="comma list of: update, rollout")
+    ap.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="both sides (auto: on for cuda, off for cpu)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=4096, help="ours (TRL scores the whole batch at once)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -111,12 +114,14 @@ def main() -> None:
     path = model_path(args.model_config, workdir)
     results = {"device": args.device, "model": args.model_config, "prompts": args.prompts,
                "generations": args.generations, "completion_len": args.completion_len, "torch_threads":
-               torch.get_num_threads()}
+               torch.get_num_threads(), "gradient_checkpointing": args.gradient_checkpointing,
+               "micro_batch_tokens": args.micro_batch_tokens, "loadavg_start": os.getloadavg()[0]}
     parts = set(args.parts.split(","))
     if "update" in parts:
         results["update"] = run_comparison(args, path, workdir, rollout=False)
     if "rollout" in parts:
         results["rollout_update"] = run_comparison(args, path, workdir, rollout=True)
+    results["loadavg_end"] = os.getloadavg()[0]
     print(json.dumps(results, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -163,13 +168,15 @@ def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
     from selfplay.types import SamplingParams, Trajectory
 
     cuda = args.device == "cuda"
+    ckpt = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
     tok = load_tokenizer(path)
     prompts, completions, rewards = fixed_batch(tok, args.prompts, args.generations, args.completion_len, seed=0)
     prompt_ids = {p: tok(p, add_special_tokens=False)["input_ids"] for p in prompts}
     G, steps = args.generations, args.warmup + args.steps
     model_cfg = ModelConfig(name_or_path=path, dtype="auto", max_model_len=2048)
     lcfg = LearnerConfig(lr=1e-5, kl_coef=args.beta, kl_ratio_correction=True, eps_low=0.2, eps_high=0.28,
-                         dual_clip_c=None, tis_cap=None,
+                         dual_clip_c=None, tis_cap=None, micro_batch_tokens=args.micro_batch_tokens,
+                         gradient_checkpointing="on" if ckpt else "off",
                          loss_agg="token-mean", advantage="grpo", adpo=False, max_grad_norm=1.0,
                          lora=LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     learner = Learner(model_cfg, lcfg, roles=("executor",), seed=0, device=args.device)
@@ -225,7 +232,7 @@ def run_comparison(args, path: str, workdir: Path, rollout: bool) -> dict:
         max_completion_length=args.completion_len, temperature=1.0, top_p=1.0, beta=args.beta, epsilon=0.2,
         epsilon_high=0.28, loss_type="dapo", scale_rewards="group", learning_rate=1e-5, max_grad_norm=1.0,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, use_cpu=not cuda, bf16=cuda,
-        gradient_checkpointing=cuda, logging_steps=10_000, report_to="none", save_strategy="no",
+        gradient_checkpointing=ckpt, logging_steps=10_000, report_to="none", save_strategy="no",
         disable_tqdm=True, seed=0, dataloader_num_workers=0)
     peft_cfg = PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                               task_type="CAUSAL_LM")

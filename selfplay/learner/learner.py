@@ -34,6 +34,7 @@ from selfplay.learner.checkpoint import (atomic_dir, prune_checkpoints, resolve_
                                  write_latest)
 from selfplay.config import LearnerConfig, ModelConfig
 from selfplay.learner.batches import MetricMean, split_groups, summarise_steps
+from selfplay.learner.checkpointing import enable_layer_checkpointing
 from selfplay.learner.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
 from selfplay.learner.scoring import MicroBatch, build_micro_batches, token_logprobs
@@ -70,10 +71,11 @@ class Learner:
         base = load_causal_lm(path, dtype, str(self.device), self.model_cfg.trust_remote_code)
         base.config.use_cache = False
         checkpointing = cfg.gradient_checkpointing == "on" or (cfg.gradient_checkpointing == "auto" and cuda)
-        if checkpointing:
+        keeps_cache = checkpointing and enable_layer_checkpointing(base)  # learner/checkpointing.py
+        if checkpointing and not keeps_cache:  # not transformers' decoder layers: its switch, which drops the cache
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # transformers' checkpointed layers drop the KV cache that prompt sharing runs on
-        self.share_prompts = cfg.prompt_sharing and not checkpointing
+        # prompt sharing runs completions against the prompt's KV cache
+        self.share_prompts = cfg.prompt_sharing and (keeps_cache or not checkpointing)
         self._softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         self._ref_model = None
         if self.lora:

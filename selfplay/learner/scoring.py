@@ -174,40 +174,71 @@ def trained_hidden_states(hf_model, mb: MicroBatch) -> Tensor:
 
 class ChunkedTokenLogprob(torch.autograd.Function):
     """log p(label) and entropy of temperature-scaled logits (h @ W.T + b, optional Gemma softcap), computed
-    `chunk` tokens at a time. With more than one chunk, backward recomputes each chunk's logits, so peak
-    memory is O(chunk x vocab) instead of O(tokens x vocab) for the logits, their softmax and their gradient
-    (TRL's fused LM head and Liger's fused linear cross-entropy do the same); a single chunk keeps its
-    softmax instead (no recompute). Entropy is a metric: it carries no gradient. With `top_p`/`top_k` (per
-    token), a third output holds log p(label) under the sampler's truncation (`nucleus_logprob`), no gradient;
-    without them it is `logp` again."""
+    `chunk` tokens at a time, so no [tokens, vocab] buffer ever exists: peak logit memory is a few
+    [chunk, vocab] buffers whatever the micro-batch (TRL's fused LM head and Liger's fused linear cross-entropy
+    bound it the same way). Entropy is a metric: it carries no gradient. With `top_p`/`top_k` (per token), a
+    third output holds log p(label) under the sampler's truncation (`nucleus_logprob`), no gradient; without
+    them it is `logp` again.
+
+    Backward. d logp / dz = onehot(label) - softmax(z), so with the head frozen (LoRA: only the hidden states
+    need a gradient) d logp / dh = (c_label W[label] - sum_v p_v c_v W_v) / t, where c = 1 - tanh^2 under a
+    softcap and 1 otherwise. The forward computes the expectation E_p[c W] ([tokens, hidden]) while each
+    chunk's softmax is at hand, and backward is a gather: nothing of size vocab is kept or recomputed, and the
+    FLOPs are those of the usual backward matmul. When the head's weight or bias trains (full fine-tuning,
+    tied embeddings), backward needs every token's softmax: it recomputes each chunk's logits (one chunk:
+    keeps its softmax instead)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temps, chunk: int, softcap: float | None, dtype, entropy: bool,
                 top_p=None, top_k=None):
         n, acc = hidden.shape[0], _acc_dtype(weight, dtype)
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        expect = want_h and not (want_w or want_b)  # frozen head: the backward is folded into this pass
         logp = hidden.new_empty(n, dtype=acc)
         ent = hidden.new_zeros(n, dtype=acc)
         trunc = None if top_p is None else hidden.new_empty(n, dtype=acc)
+        e_w = hidden.new_empty(n, weight.shape[1], dtype=acc) if expect else None  # E_p[c W] per token
+        c_label = hidden.new_ones(n, dtype=acc) if expect and softcap else None
         kept = (None, None)
         for s in range(0, n, chunk):
             z, tanh = _chunk_logits(hidden[s:s + chunk], weight, bias, temps[s:s + chunk], softcap, dtype)
             probs = z.softmax(-1)
             logz = z.logsumexp(-1)
-            logp[s:s + chunk] = z.gather(-1, labels[s:s + chunk, None]).squeeze(-1) - logz
+            lab = labels[s:s + chunk, None]
+            logp[s:s + chunk] = z.gather(-1, lab).squeeze(-1) - logz
             if entropy:
                 ent[s:s + chunk] = logz - (probs * z).sum(-1)
             if trunc is not None:
                 trunc[s:s + chunk] = nucleus_logprob(z, labels[s:s + chunk], top_p[s:s + chunk], top_k[s:s + chunk])
-            if n <= chunk and any(ctx.needs_input_grad[:3]):
+            if expect:
+                if tanh is not None:
+                    t_lab = tanh.gather(-1, lab).squeeze(-1)
+                    c_label[s:s + chunk] = 1 - t_lab * t_lab
+                    probs = probs.mul_(1 - tanh * tanh)
+                w = weight.to(dtype or weight.dtype)
+                e_w[s:s + chunk] = (probs.to(w.dtype) @ w).to(acc)
+            elif n <= chunk and (want_w or want_b):
                 kept = (probs, tanh)
-        ctx.save_for_backward(hidden, weight, bias, labels, temps, *kept)
-        ctx.chunk, ctx.softcap, ctx.dtype = chunk, softcap, dtype
+            del z, probs, tanh
+        if expect:
+            ctx.save_for_backward(weight, labels, temps, e_w, c_label)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, temps, *kept)
+        ctx.chunk, ctx.softcap, ctx.dtype, ctx.expect, ctx.h_dtype = chunk, softcap, dtype, expect, hidden.dtype
         trunc = logp.detach().clone() if trunc is None else trunc
         ctx.mark_non_differentiable(ent, trunc)
         return logp, ent, trunc
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_trunc):
+        none = (None,) * 8
+        if ctx.expect:  # d logp / dh = (c_label W[label] - E_p[c W]) / t
+            weight, labels, temps, e_w, c_label = ctx.saved_tensors
+            w_label = weight[labels].to(e_w.dtype)
+            if c_label is not None:
+                w_label = w_label * c_label[:, None]
+            gh = (g_logp.to(e_w.dtype) / temps.to(e_w.dtype))[:, None] * (w_label - e_w)
+            return (gh.to(ctx.h_dtype), None, None, *none)
         hidden, weight, bias, labels, temps, kept_probs, kept_tanh = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         dtype = ctx.dtype or weight.dtype
@@ -233,10 +264,12 @@ class ChunkedTokenLogprob(torch.autograd.Function):
                 gw += (dz.t().to(dtype) @ h.to(dtype)).to(acc)
             if want_b:
                 gb += dz.sum(0)
-        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None, None, None, None, None, None)
+        return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype), *none)
 
 
+# Logits per LM-head chunk: 2**23 fp32 = 32 MB per [chunk, vocab] buffer (170 tokens at a 49k vocabulary), a few
+# of them alive at once (logits, softmax, their product for the entropy).
+HEAD_CHUNK_ELEMENTS = 2**23
 NUCLEUS_FAST_K = 256  # candidates read with topk before falling back to a full sort of the row
 
 
@@ -320,17 +353,20 @@ def _chunk_logits(h, weight, bias, temps, softcap, dtype):
 
 def token_logprobs(hf_model, mb: MicroBatch, *, autocast, head_dtype: torch.dtype | None = None,
                    softcap: float | None = None, entropy: bool = False, sampler: bool = False,
-                   chunk_elements: int = 2**26) -> tuple[Tensor, Tensor, Tensor]:
+                   chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor, Tensor]:
     """[b, T] log-probs of the trained tokens (0 elsewhere) under temperature-scaled logits, entropies
     (zeros unless asked) and, with `sampler`, log-probs under the sampler's top-k/top-p truncation
     (`mb.top_p`/`mb.top_k`; else a copy of the first). The LM head runs in `head_dtype` (None: the
-    weight's) in chunks of `chunk_elements // vocab` tokens (2**26 fp32 = 256 MB per buffer)."""
+    weight's) in chunks of `chunk_elements // vocab` tokens."""
     with autocast():
         hidden = trained_hidden_states(hf_model, mb)  # [n, H]
     head = hf_model.get_output_embeddings()
-    chunk = max(16, chunk_elements // head.weight.shape[0])
+    weight, bias = head.weight, head.bias
+    if not torch.is_grad_enabled():  # a scoring pass: no gradient, whatever the head's requires_grad says
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
+    chunk = max(16, chunk_elements // weight.shape[0])
     top_p, top_k = (mb.top_p, mb.top_k) if sampler and mb.top_p is not None else (None, None)
-    flat, flat_ent, flat_trunc = ChunkedTokenLogprob.apply(hidden, head.weight, head.bias, mb.labels, mb.temperature,
+    flat, flat_ent, flat_trunc = ChunkedTokenLogprob.apply(hidden, weight, bias, mb.labels, mb.temperature,
                                                            chunk, softcap, head_dtype, entropy, top_p, top_k)
     sel = mb.mask.bool()
     logp = flat.new_zeros(mb.mask.shape).masked_scatter(sel, flat)
