@@ -236,6 +236,38 @@ def test_logprobs_match_teacher_forced_forward(engine, backend, reference, promp
             assert torch.allclose(got, expect, atol=LOGPROB_ATOL[backend]), (got - expect).abs().max()
 
 
+# |w - 1| the learner's truncated-IS weight holds on on-policy tokens of each backend (docs/losses.md). vLLM:
+# the bound its log-probs are known to hold against fp32 teacher forcing (LOGPROB_ATOL); 1e-3 is not yet measured.
+IS_TOL = {"hf": 1e-3, "vllm": 3e-2}
+
+
+def test_on_policy_is_weights_are_one_through_the_learner(engine, backend, prompts):
+    """Issue #11: an on-policy token's truncated-IS weight exp(learner log-prob under the sampler's top-p -
+    engine log-prob) is 1 within IS_TOL, through this engine and the learner's own scoring (fp32 teacher
+    forcing). The full-vocabulary score (the old comparison) is off by the token's nucleus mass: the test sees it."""
+    from selfplay.config import LearnerConfig, LoraConfig
+    from selfplay.learner.learner import Learner
+    from selfplay.types import Trajectory
+
+    T, top_p = 0.7, 0.9
+    outs = engine.generate(prompts, SamplingParams(n=3, temperature=T, top_p=top_p, max_tokens=24, seed=5))
+    trajs = [Trajectory(role="executor", task_id=f"t{k}", group_id=f"g{k}", prompt_ids=list(o.prompt_token_ids),
+                        completion_ids=list(c.token_ids), loss_mask=[1] * len(c.token_ids),
+                        behaviour_logprobs=list(c.logprobs), reward=0.0, meta={"temperature": T, "top_p": top_p})
+             for k, o in enumerate(outs) for c in o.outputs]
+    learner = Learner(MODEL, LearnerConfig(kl_coef=0.0, tis_cap=2.0, lora=LoraConfig(r=8, alpha=16)),
+                      roles=("executor",), seed=0, device="cpu")  # fresh adapters (B = 0): the base policy
+
+    def log_w(scored) -> torch.Tensor:
+        return torch.cat([torch.tensor(s) - torch.tensor(t.behaviour_logprobs) for s, t in zip(scored, trajs)])
+
+    w = log_w(learner.logprobs("executor", trajs, sampler=True)).exp()
+    assert w.numel() > 60 and (w - 1).abs().max() < IS_TOL[backend], (w - 1).abs().max()
+    w_full = log_w(learner.logprobs("executor", trajs)).exp()
+    # the nucleus-mass bias the sampler-aware score removes (measured on hf: w down to 0.900, |w - 1| < 3e-5 above)
+    assert (w_full - 1).abs().max() > IS_TOL[backend]
+
+
 def test_adapter_swap_changes_output(engine, reference, prompts, tmp_path_factory):
     params = _greedy(max_tokens=16)
     base = engine.generate(prompts, params)
