@@ -13,6 +13,11 @@ that switch turned sharing off. Here each checkpointed call remembers what the c
 began, and its recompute restores that before running the layer again: the layer sees exactly the prefix it
 saw in the forward, appends the same keys and values, and gets the same tensors back (torch's determinism
 check compares their shapes). The cache is not read after the forward, so the restores do no harm.
+
+transformers logs once "Caching is incompatible with gradient checkpointing ... Setting `use_cache=False`":
+it does set that flag, but Llama/Qwen-style layers update a cache they are given whatever the flag says, so
+the prompt's cache is still used (tests/test_learner.py checks the shared path and its saved activations,
+tests/test_learner_precision.py the gradient against the plain step).
 """
 from __future__ import annotations
 
