@@ -1,6 +1,6 @@
 """Resume "with no duplicate and no gap" (README): the driver stopped at every stage boundary of an iteration,
-by SIGKILL, SIGTERM and SIGINT, in both pipelines. The two slow tests have not run yet and skip unless
-SELFPLAY_RESUME_MATRIX=1 (see MATRIX); the unit tests at the top run always.
+by SIGKILL, SIGTERM and SIGINT, in both pipelines. The synchronous test has not run yet and skips unless
+SELFPLAY_RESUME_MATRIX=1 (see MATRIX); tests/test_resume_sync_chain.py covers it meanwhile.
 
 Exact timing, no sleeps: with `SELFPLAY_PAUSE_AT_ITERATION=N` the driver stops itself (SIGSTOP) right after
 writing each stage event of iteration N (selfplay/run/loop.py `pause_point`). The test then freezes everything
@@ -377,7 +377,7 @@ def _stop_life(root: Path, plan: dict, pause: str, snaps: dict | None = None) ->
 
 # ------------------------------------------------------------------------------------------ the tests
 T, I = signal.SIGTERM, signal.SIGINT
-# Not run yet (no machine time left); tests/test_resume_sync_chain.py and test_pipeline's kill cover meanwhile
+# Not run yet (no machine time left); tests/test_resume_sync_chain.py covers meanwhile
 MATRIX = pytest.mark.skipif(os.environ.get("SELFPLAY_RESUME_MATRIX") != "1",
                             reason="not yet run once on a 2-core machine: SELFPLAY_RESUME_MATRIX=1 runs it")
 # synchronous loop: one graceful signal at each boundary, alternating; the first five stop at the next safe
@@ -423,7 +423,6 @@ def test_sync_stopped_at_every_boundary_by_each_signal_resumes_to_the_uninterrup
     assert any(n.startswith("raylet") for n in blocked) and all(blocked.values()), blocked
 
 
-@MATRIX
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_async_stopped_at_every_boundary_resumes_without_losing_or_repeating(tmp_path):
