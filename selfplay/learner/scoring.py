@@ -168,6 +168,9 @@ def trained_hidden_states(hf_model, mb: MicroBatch) -> Tensor:
     positions = mb.prompt_len[mb.row_prompt][:, None] + torch.arange(T, device=prompt.device)[None, :]
     hidden = backbone(input_ids=mb.completion_ids, attention_mask=attention.long(), position_ids=positions,
                       past_key_values=cache, use_cache=True).last_hidden_state
+    if cache.get_seq_length() != P + T:  # a model whose layers skip the cache would score without the prompt
+        raise RuntimeError(f"{type(hf_model).__name__}'s layers did not extend the prompt's KV cache "
+                           f"({cache.get_seq_length()} positions, expected {P + T}): set learner.prompt_sharing=false")
     hidden = torch.cat([last[mb.row_prompt][:, None], hidden[:, :-1]], dim=1)  # [b, T]: predictor of token t
     return hidden[mb.mask.bool()]
 
