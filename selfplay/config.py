@@ -204,12 +204,6 @@ class LearnerConfig(Section):
     world_size: int = Field(1, ge=1)
     strategy: Literal["ddp", "fsdp2"] = "ddp"
 
-    @model_validator(mode="after")
-    def _strategy(self) -> "LearnerConfig":
-        if self.strategy == "fsdp2":  # named in the schema so configs can say it; refused until it is built
-            raise ValueError("strategy=fsdp2 is not built yet (ddp is: docs/learner.md, 'Data-parallel ranks')")
-        return self
-
 
 class ReplayConfig(Section):
     capacity: int = Field(4096, ge=1)

@@ -83,3 +83,48 @@ class MetricMean:
     def result(self) -> dict[str, float]:
         out = {k: s / max(self.weights[k], 1e-12) for k, s in self.sums.items()}
         return {**out, **self.maxes}
+
+
+# ------------------------------------------------------------------ per-trajectory inputs of a step
+def has_behaviour(t: Trajectory) -> bool:
+    """The engine returned log-probs for this trajectory (an engine without them leaves 0.0 placeholders)."""
+    return not t.meta.get("logprobs_missing") and any(lp != 0.0 for lp, m in zip(t.behaviour_logprobs, t.loss_mask)
+                                                      if m)
+
+
+def truncation(t: Trajectory) -> tuple[float, int]:
+    """(top_p, top_k) the sampler used; greedy samples (temperature 0) are scored on raw logits, untruncated."""
+    if float(t.meta.get("temperature", 1.0) or 0.0) <= 0:
+        return 1.0, 0
+    return float(t.meta.get("top_p", 1.0)), int(t.meta.get("top_k", 0) or 0)
+
+
+def temperature_of(t: Trajectory, default: float | None) -> float:
+    temp = t.meta.get("temperature", default)
+    return float(temp) if temp is not None and float(temp) > 0 else 1.0  # greedy samples: raw logits
+
+
+def validate(role: str, trajs: list[Trajectory], weights: Sequence[float] | None) -> None:
+    if not trajs:
+        raise ValueError("train_step needs at least one trajectory")
+    for t in trajs:
+        if t.role != role:
+            raise ValueError(f"trajectory {t.traj_id} is for role {t.role!r}, not {role!r}")
+        if not t.prompt_ids:
+            raise ValueError(f"trajectory {t.traj_id} has an empty prompt (the first token needs a context)")
+    if weights is not None:
+        if len(weights) != len(trajs):
+            raise ValueError(f"weights has {len(weights)} entries for {len(trajs)} trajectories")
+        if not all(np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("weights must be finite and >= 0")
+
+
+def batch_stats(trajs: list[Trajectory], adv: list[float], version: int) -> dict[str, float]:
+    if not trajs:  # a data-parallel rank's empty share of a mini-batch
+        return {}
+    a = np.asarray(adv, dtype=np.float64)
+    r = np.asarray([t.reward for t in trajs], dtype=np.float64)
+    return {"adv_mean": float(a.mean()), "adv_std": float(a.std()), "adv_min": float(a.min()),
+            "adv_max": float(a.max()), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "seqs": float(len(trajs)),
+            "staleness_mean": float(np.mean([version - t.policy_version for t in trajs]))}

@@ -13,7 +13,9 @@ the step one process takes on the whole batch:
    same update on each rank.
 A rank with no share (fewer groups than ranks) takes `idle_steps`: the same collectives with zero gradients.
 Everything is identical across ranks after a step, so checkpoints and adapters come from rank 0, and a
-resume loads that one checkpoint on every rank. Clip-Cov/KL-Cov's random token picks are drawn per rank
+resume loads that one checkpoint on every rank. Strategy `fsdp2` (learner/fsdp.py) uses the same shares and `totals`; FSDP2 reduce-scatters the gradients
+(summed) instead of `all_reduce_grads`, and idle ranks run dummy forwards so the collectives match.
+Clip-Cov/KL-Cov's random token picks are drawn per rank
 (per micro-batch), so with `entropy_control` on, N ranks pick different tokens than one process would.
 """
 from __future__ import annotations
@@ -94,8 +96,12 @@ class GradSync:
         return {**totals, "total_tokens": float(sums[0]), "total_seqs": float(sums[1]),
                 "max_len": int(longest[0])}
 
+    sharded: bool = False  # fsdp2: gradients are reduce-scattered by FSDP itself (learner/fsdp.py)
+
     def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sum of every rank's gradient, in one flat buffer (one collective, not one per tensor)."""
+        if self.sharded:
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -115,6 +121,7 @@ class GradSync:
             if totals["total_tokens"] == 0:  # no rank has anything: the single process would skip too
                 continue
             opt.zero_grad(set_to_none=True)
+            learner._fill(learner._rounds(0), 0, backward=True)  # fsdp2: the others' forwards, on a dummy
             self.all_reduce_grads(params)
             torch.nn.utils.clip_grad_norm_(params, learner.cfg.max_grad_norm)
             opt.step()
@@ -124,12 +131,13 @@ class GradSync:
                 learner.policy_version[r] += 1
 
 
-def init_group(rank: int, world_size: int, address: str, port: int, backend: str | None = None) -> GradSync:
+def init_group(rank: int, world_size: int, address: str, port: int, backend: str | None = None,
+               sharded: bool = False) -> GradSync:
     """Join the ranks' process group (TCP rendezvous at rank 0's address)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
-    return GradSync(world_size, rank)
+    return GradSync(world_size, rank, sharded)
 
 
 def free_port() -> int:

@@ -33,8 +33,10 @@ from torch import Tensor
 from selfplay.learner.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
                                  write_latest)
 from selfplay.config import LearnerConfig, ModelConfig
-from selfplay.learner.batches import MetricMean, split_groups, summarise_steps
+from selfplay.learner.batches import (MetricMean, batch_stats, has_behaviour, split_groups, summarise_steps,
+                                      temperature_of, truncation, validate)
 from selfplay.learner.checkpointing import enable_layer_checkpointing
+from selfplay.learner.memory import _large_tensors_via_mmap  # noqa: F401 (tests import it from here)
 from selfplay.learner.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
 from selfplay.learner.scoring import MicroBatch, build_micro_batches, token_logprobs
@@ -87,8 +89,6 @@ class Learner:
             self.model = get_peft_model(base, peft_cfg, adapter_name=self.roles[0])
             for role in self.roles[1:]:
                 self.model.add_adapter(role, peft_cfg)
-            groups = {role: [p for n, p in self.model.named_parameters() if _is_adapter_param(n, role)]
-                      for role in self.roles}
         else:
             self.model = base
             if cfg.kl_coef > 0:  # the only case that needs a second copy: a frozen reference
@@ -97,15 +97,32 @@ class Learner:
                 self._ref_model = copy.deepcopy(base).requires_grad_(False).eval()
                 if cuda:
                     self._ref_model.to(torch.bfloat16)
-            groups = {SHARED: [p for p in self.model.parameters() if p.requires_grad]}
-        self._params = groups
-        self._optim = {key: self._make_optimizer(params) for key, params in groups.items()}
+        self._build_optimizers()
         self.step = 0
         self.policy_version: dict[str, int] = {role: 0 for role in self.roles}
         self.last_advantages: dict[str, float] = {}  # traj_id -> advantage used by the last train_step
         self.dist = None  # a distributed.GradSync when this learner is one of several data-parallel ranks
+        self.fsdp = None  # a fsdp.Sharded under `strategy: fsdp2` with world_size > 1 (`shard`)
+
+    def shard(self) -> None:
+        """FSDP2 over the process group this rank joined (learner/fsdp.py); optimizers are rebuilt over the
+        sharded parameters, so call it before loading a checkpoint."""
+        from selfplay.learner.fsdp import Sharded
+
+        self.fsdp = Sharded(self.model, self.device)
+        self.share_prompts = False  # a shared prompt runs every layer twice per forward: collectives would differ
+        self._build_optimizers()
 
     # ------------------------------------------------------------------------------------------ setup
+    def _build_optimizers(self) -> None:
+        if self.lora:
+            groups = {role: [p for n, p in self.model.named_parameters() if _is_adapter_param(n, role)]
+                      for role in self.roles}
+        else:
+            groups = {SHARED: [p for p in self.model.parameters() if p.requires_grad]}
+        self._params = groups
+        self._optim = {key: self._make_optimizer(params) for key, params in groups.items()}
+
     def _make_optimizer(self, params: list[Tensor]):
         from transformers import get_constant_schedule_with_warmup
 
@@ -126,10 +143,24 @@ class Learner:
     # ------------------------------------------------------------------------------------ log-probs
     def _token_logps(self, mb: MicroBatch, model=None, entropy: bool = False, sampler: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor]:
+        kwargs = dict(self._head_kwargs(), entropy=entropy, sampler=sampler)
+        if model is None and self.fsdp is not None:  # a forward of the FSDP2 root: the LM head is unsharded
+            return self.fsdp.score(mb, **kwargs)
         model = model if model is not None else self.model
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return token_logprobs(hf, mb, autocast=self._autocast, head_dtype=torch.bfloat16 if self.bf16 else None,
-                              softcap=self._softcap, entropy=entropy, sampler=sampler)
+        return token_logprobs(hf, mb, **kwargs)
+
+    def _head_kwargs(self) -> dict:
+        return dict(autocast=self._autocast, head_dtype=torch.bfloat16 if self.bf16 else None, softcap=self._softcap)
+
+    def _rounds(self, local: int) -> int:
+        """FSDP2: how many forwards every rank runs at the next point (fsdp.Sharded.rounds); else `local`."""
+        return self.fsdp.rounds(local) if self.fsdp is not None else local
+
+    def _fill(self, rounds: int, done: int, backward: bool = False) -> None:
+        """FSDP2: the forwards this rank lacks for its collectives to match the other ranks' (fsdp.Sharded.fill)."""
+        if self.fsdp is not None:
+            self.fsdp.fill(rounds, done, backward, **self._head_kwargs())
 
     @torch.no_grad()
     def _ref_logps(self, mb: MicroBatch) -> Tensor:
@@ -148,13 +179,13 @@ class Learner:
         `sampler`: under the sampler's top-k/top-p (`traj.meta`), as the engines report them."""
         self._check_role(role)
         trajs = list(trajectories)
-        temps = [_temperature(t, temperature) for t in trajs]
+        temps = [temperature_of(t, temperature) for t in trajs]
         if self.lora:
             self.model.set_adapter(role)
         out: list[list[float]] = [[] for _ in trajs]
-        truncation = [_truncation(t) for t in trajs] if sampler else None
+        cuts = [truncation(t) for t in trajs] if sampler else None
         for mb in build_micro_batches(trajs, temps, self.cfg.micro_batch_tokens, self.device, self.share_prompts,
-                                      truncation):
+                                      cuts):
             logp = self._ref_logps(mb) if reference else self._token_logps(mb, sampler=sampler)[2 if sampler else 0]
             for j, i in enumerate(mb.rows):
                 out[i] = logp[j, :len(trajs[i].completion_ids)].float().cpu().tolist()
@@ -210,10 +241,11 @@ class Learner:
         """
         self._check_role(role)
         trajs = list(trajectories)
-        _validate(role, trajs, weights)
+        if trajs or self.dist is None:  # a data-parallel rank may have no share of the batch
+            validate(role, trajs, weights)
         adv = self._advantages(trajs, keep_advantage)
         self.last_advantages = {t.traj_id: a for t, a in zip(trajs, adv)}
-        temps = [_temperature(t, temperature) for t in trajs]
+        temps = [temperature_of(t, temperature) for t in trajs]
         if parts is not None:
             parts = [list(p) for p in parts]
         elif len(parts := split_groups(trajs, updates)) < updates:
@@ -228,9 +260,11 @@ class Learner:
                             version) for rows in parts]
         with torch.no_grad():  # the policy before step 1: proximal log-probs of the later mini-batches
             for plan in plans[1:]:
+                rounds = self._rounds(len(plan.mbs))
                 for mb in plan.mbs:
                     mb.old_logp, _, sampler = self._token_logps(mb, sampler=plan.use_is)
                     mb.old_logp_sampler = sampler if plan.use_is else None
+                self._fill(rounds, len(plan.mbs))
         return [self._optimizer_step(role, plan, epoch, k)
                 for epoch in range(self.cfg.ppo_epochs) for k, plan in enumerate(plans)]
 
@@ -239,24 +273,30 @@ class Learner:
         """One mini-batch's micro-batches with their loss inputs (reference log-probs included)."""
         cfg = self.cfg
         n_tokens = sum(int(bool(m)) for t in trajs for m in t.loss_mask)
-        plan = _Plan(trajs=trajs, n_tokens=n_tokens, stats=_batch_stats(trajs, adv, version))
+        plan = _Plan(trajs=trajs, n_tokens=n_tokens, stats=batch_stats(trajs, adv, version))
+        shared_ref = cfg.kl_coef > 0 and self._ref_model is None  # the reference runs on the (sharded) model
         if n_tokens == 0:
+            if shared_ref:  # fsdp2: the other ranks' reference forwards
+                self._fill(self._rounds(0), 0)
             return plan
-        has_behaviour = [_has_behaviour(t) for t in trajs]
-        plan.use_is = cfg.tis_cap is not None and any(has_behaviour)
+        behaviour = [has_behaviour(t) for t in trajs]
+        plan.use_is = cfg.tis_cap is not None and any(behaviour)
         plan.mbs = build_micro_batches(trajs, temps, cfg.micro_batch_tokens, self.device, self.share_prompts,
-                                       [_truncation(t) for t in trajs] if plan.use_is else None)
+                                       [truncation(t) for t in trajs] if plan.use_is else None)
         eps_high = self._eps_high(role, trajs)
+        rounds = self._rounds(len(plan.mbs)) if shared_ref else 0
         for mb in plan.mbs:
             mb.advantages, mb.weights, mb.eps_high = mb.per_row(adv), mb.per_row(weights), mb.per_row(eps_high)
             if plan.use_is:
-                mb.behaviour_rows = mb.per_row([float(h) for h in has_behaviour])
+                mb.behaviour_rows = mb.per_row([float(h) for h in behaviour])
                 mb.behaviour_logp = torch.zeros_like(mb.mask)
                 for j, i in enumerate(mb.rows):
                     lp = trajs[i].behaviour_logprobs
                     mb.behaviour_logp[j, :len(lp)] = torch.tensor(lp, dtype=torch.float32)
             if cfg.kl_coef > 0:
                 mb.ref_logp = self._ref_logps(mb)
+        if shared_ref:
+            self._fill(rounds, len(plan.mbs))
         return plan
 
     def _optimizer_step(self, role: str, plan: "_Plan", epoch: int, index: int) -> dict[str, float]:
@@ -277,6 +317,7 @@ class Learner:
         lr = sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
+        rounds = self._rounds(len(mbs))
         for k, mb in enumerate(mbs):
             want_sampler = plan.use_is and mb.old_logp_sampler is None
             logp, ent, sampler = self._token_logps(mb, entropy=epoch == 0, sampler=want_sampler)
@@ -292,6 +333,8 @@ class Learner:
             seed = self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k
             gen = torch.Generator().manual_seed(seed % 2**62)
             loss, m = policy_loss(inp, cfg, generator=gen, **totals)
+            if self.fsdp is not None and not loss.requires_grad:  # every rank's backward reduce-scatters
+                loss = loss + logp.sum() * 0.0
             if loss.requires_grad:
                 loss.backward()
             loss_sum += float(loss.detach())
@@ -299,6 +342,7 @@ class Learner:
             if epoch == 0:
                 acc.add({"entropy": float((ent * mb.mask).sum() / mb.mask.sum().clamp(min=1))}, float(mb.mask.sum()))
             del logp, ent, sampler, loss, inp
+        self._fill(rounds, len(mbs), backward=True)
         if self.dist is not None:  # the full batch's gradient on every rank, before the clip
             self.dist.all_reduce_grads(self._params[key])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params[key], cfg.max_grad_norm))
@@ -328,13 +372,16 @@ class Learner:
         """
         self._check_role(role)
         version = self.policy_version[role]
+        full = self.fsdp.full_state() if self.fsdp is not None else None  # fsdp2: every rank gathers
         if not self.lora:
-            sd = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            sd = full or {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             return FullWeightsUpdate(state_dict=sd, version=version)
         if out_dir is None:
             raise ValueError("export of a LoRA adapter needs out_dir")
+        if self.fsdp is not None and self.dist.rank != 0:  # rank 0 writes
+            return AdapterUpdate(name=role, path=str(Path(out_dir).resolve()), version=version)
         with atomic_dir(out_dir) as tmp:
-            self.model.save_pretrained(str(tmp), selected_adapters=[role])
+            self.model.save_pretrained(str(tmp), selected_adapters=[role], state_dict=full)
             sub = tmp / role  # peft writes a non-"default" adapter into a subdirectory named after it
             if sub.is_dir():
                 for f in sub.iterdir():
@@ -347,19 +394,28 @@ class Learner:
         """Write `root/step-XXXXXXXX/` atomically, then point `root/latest` at it; prune old ones."""
         root = Path(root)
         name = f"step-{self.step:08d}"
+        fsdp = self.fsdp
+        full = fsdp.full_state() if fsdp is not None else None  # fsdp2: every rank gathers, rank 0 writes
+        optim = {k: {"optimizer": fsdp.full_optimizer_state(o) if fsdp is not None else o.state_dict(),
+                     "scheduler": s.state_dict()} for k, (o, s) in self._optim.items()}
+        if fsdp is not None and self.dist.rank != 0:
+            return root / name
         with atomic_dir(root / name) as tmp:
             if self.lora:
                 for role in self.roles:
-                    self.model.save_pretrained(str(tmp / "adapters"), selected_adapters=[role])
+                    self.model.save_pretrained(str(tmp / "adapters"), selected_adapters=[role], state_dict=full)
+            elif full is not None:
+                from selfplay.learner.fsdp import save_full
+
+                save_full(full, tmp / "model.safetensors")
             else:
                 from safetensors.torch import save_model
 
                 save_model(self.model, str(tmp / "model.safetensors"))
-            torch.save({k: {"optimizer": o.state_dict(), "scheduler": s.state_dict()}
-                        for k, (o, s) in self._optim.items()}, tmp / "optimizer.pt")
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(rng_state(), tmp / "rng.pt")
             state = {"step": self.step, "policy_version": self.policy_version, "roles": list(self.roles),
-                     "seed": self.seed, "finetune": self.cfg.finetune,
+                     "seed": self.seed, "finetune": self.cfg.finetune, "sharded": fsdp is not None,
                      "model": self.model_cfg.model_dump(mode="json"), "learner": self.cfg.model_dump(mode="json")}
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         write_latest(root, name)
@@ -373,7 +429,14 @@ class Learner:
         if state["finetune"] != self.cfg.finetune or list(state["roles"]) != list(self.roles):
             raise ValueError(f"checkpoint {ck} is finetune={state['finetune']} roles={state['roles']}; this learner "
                              f"is finetune={self.cfg.finetune} roles={list(self.roles)}")
-        if self.lora:
+        if bool(state.get("sharded")) != (self.fsdp is not None):  # the optimizer files differ (FQN keys)
+            raise ValueError(f"checkpoint {ck} was written by {'fsdp2' if state.get('sharded') else 'unsharded'} "
+                             f"ranks; load it with the same learner.strategy")
+        if self.fsdp is not None:
+            from selfplay.learner.fsdp import load_weights
+
+            load_weights(self, ck)
+        elif self.lora:
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
 
@@ -388,7 +451,10 @@ class Learner:
             load_model(self.model, str(ck / "model.safetensors"), device=str(self.device))
         optim = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
         for k, (o, s) in self._optim.items():
-            o.load_state_dict(optim[k]["optimizer"])
+            if self.fsdp is not None:
+                self.fsdp.load_full_optimizer_state(o, optim[k]["optimizer"])
+            else:
+                o.load_state_dict(optim[k]["optimizer"])
             s.load_state_dict(optim[k]["scheduler"])
         set_rng_state(torch.load(ck / "rng.pt", map_location="cpu", weights_only=True))
         self.step = int(state["step"])
@@ -412,31 +478,6 @@ def _is_adapter_param(name: str, role: str) -> bool:
     return role in parts and any(p.startswith("lora_") for p in parts)
 
 
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial default, pinned
-
-
-def _large_tensors_via_mmap():
-    """Pin glibc's mmap threshold so every large CPU tensor is its own mapping, returned to the OS when freed.
-
-    By default glibc raises the threshold to the size of each mmapped block it frees (up to 32 MiB on 64-bit;
-    mallopt(3), M_MMAP_THRESHOLD), so after the first micro-batch its activation buffers are carved from
-    the heap arenas instead, which fragment and never shrink: measured on the debug learner (135M, 2048-token
-    micro-batches) this held ~1.5 GB of freed activations (peak RSS 5.2 GB -> 3.6 GB with the pin, RSS after
-    a step 4.4 GB -> 1.2 GB; BENCHMARKS.md). Setting it explicitly also turns the dynamic adjustment off.
-    No-op off glibc. Returns `malloc_trim` (called after each CPU optimizer step: the small blocks a step
-    frees in the middle of the heap go back too), or None."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 2 * MMAP_THRESHOLD)  # M_TRIM_THRESHOLD: give back heap tops beyond 256 KiB
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        log.debug("not glibc: mmap threshold left as it is")
-        return None
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -452,47 +493,3 @@ class _Plan:
     stats: dict[str, float]
     mbs: list[MicroBatch] = field(default_factory=list)
     use_is: bool = False
-
-
-def _has_behaviour(t: Trajectory) -> bool:
-    """The engine returned log-probs for this trajectory (an engine without them leaves 0.0 placeholders)."""
-    return not t.meta.get("logprobs_missing") and any(lp != 0.0 for lp, m in zip(t.behaviour_logprobs, t.loss_mask)
-                                                      if m)
-
-
-def _truncation(t: Trajectory) -> tuple[float, int]:
-    """(top_p, top_k) the sampler used; greedy samples (temperature 0) are scored on raw logits, untruncated."""
-    if float(t.meta.get("temperature", 1.0) or 0.0) <= 0:
-        return 1.0, 0
-    return float(t.meta.get("top_p", 1.0)), int(t.meta.get("top_k", 0) or 0)
-
-
-def _temperature(t: Trajectory, default: float | None) -> float:
-    temp = t.meta.get("temperature", default)
-    return float(temp) if temp is not None and float(temp) > 0 else 1.0  # greedy samples: raw logits
-
-
-def _validate(role: str, trajs: list[Trajectory], weights: Sequence[float] | None) -> None:
-    if not trajs:
-        raise ValueError("train_step needs at least one trajectory")
-    for t in trajs:
-        if t.role != role:
-            raise ValueError(f"trajectory {t.traj_id} is for role {t.role!r}, not {role!r}")
-        if not t.prompt_ids:
-            raise ValueError(f"trajectory {t.traj_id} has an empty prompt (the first token needs a context)")
-    if weights is not None:
-        if len(weights) != len(trajs):
-            raise ValueError(f"weights has {len(weights)} entries for {len(trajs)} trajectories")
-        if not all(np.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError("weights must be finite and >= 0")
-
-
-def _batch_stats(trajs: list[Trajectory], adv: list[float], version: int) -> dict[str, float]:
-    if not trajs:  # a data-parallel rank's empty share of a mini-batch
-        return {}
-    a = np.asarray(adv, dtype=np.float64)
-    r = np.asarray([t.reward for t in trajs], dtype=np.float64)
-    return {"adv_mean": float(a.mean()), "adv_std": float(a.std()), "adv_min": float(a.min()),
-            "adv_max": float(a.max()), "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-            "seqs": float(len(trajs)),
-            "staleness_mean": float(np.mean([version - t.policy_version for t in trajs]))}

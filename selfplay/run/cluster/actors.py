@@ -175,9 +175,10 @@ class LearnerActor(_Busy):
         torch.set_num_threads(_threads(cfg))
         self.ship_files = ship_adapter_files(cfg)
         self.learner = Learner(cfg.model, cfg.learner, seed=cfg.seed)
-        ckpt = rd.state().get("checkpoint")
-        if ckpt:  # a restart, or a resumed run: continue from the last committed iteration
-            self.learner.load_checkpoint(ckpt)
+        self.sharded = cfg.learner.strategy == "fsdp2" and cfg.learner.world_size > 1
+        self.checkpoint = rd.state().get("checkpoint")
+        if self.checkpoint and not self.sharded:  # a restart, or a resumed run: continue from the last commit
+            self.learner.load_checkpoint(self.checkpoint)
         _started(rd, name)
 
     @busy
@@ -199,17 +200,21 @@ class LearnerActor(_Busy):
 
         from selfplay.learner.distributed import init_group
 
-        self.learner.dist = init_group(rank, world_size, address, port)
+        self.learner.dist = init_group(rank, world_size, address, port, sharded=self.sharded)
         with torch.no_grad():
             for params in self.learner._params.values():
                 for p in params:
                     dist.broadcast(p.data, src=0)
+        if self.sharded:  # fsdp2: shard, then every rank loads the committed checkpoint (a collective)
+            self.learner.shard()
+            if self.checkpoint:
+                self.learner.load_checkpoint(self.checkpoint)
 
     @busy
     def train_shard(self, role: str, trajectories: list, weights: list[float] | None,
                     keep_advantage: list[bool] | None, steps: int) -> tuple[dict[str, float], dict[str, float]]:
         """This rank's share of a step; with nothing to train, it still takes part in the collectives."""
-        if not any(m for t in trajectories for m in t.loss_mask):
+        if not self.sharded and not any(m for t in trajectories for m in t.loss_mask):
             self.learner.dist.idle_steps(self.learner, role, steps)
             return {}, {}
         metrics = self.learner.train_step(role, trajectories, weights, keep_advantage=keep_advantage)
@@ -221,7 +226,7 @@ class LearnerActor(_Busy):
                     ) -> tuple[list[dict[str, float]], dict[str, float]]:
         """This rank's share of every mini-batch of a batch (run/ranks.py); with nothing at all to train on,
         it still takes part in every step's collectives."""
-        if not trajectories:
+        if not trajectories and not self.sharded:  # fsdp2 ranks run every forward point (learner/fsdp.py)
             for _ in range(self.learner.cfg.ppo_epochs * len(parts)):
                 self.learner.dist.idle_steps(self.learner, role, 1)
             return [], {}
@@ -239,7 +244,8 @@ class LearnerActor(_Busy):
     @busy
     def export(self, role: str, out_dir: str):
         update = self.learner.export(role, out_dir)
-        if self.ship_files and hasattr(update, "path"):  # replicas on other nodes read it from the object store
+        lead = self.learner.dist is None or self.learner.dist.rank == 0  # fsdp2: only rank 0 wrote the files
+        if self.ship_files and lead and hasattr(update, "path"):  # replicas on other nodes read it from the object store
             from pathlib import Path
 
             update.files = {f.name: f.read_bytes() for f in Path(update.path).iterdir() if f.is_file()}
@@ -384,7 +390,7 @@ class Actors:
 
             names = [actor_name("learner", i, n) for i in range(n)]
             learner = LearnerGroup.form([remote(LearnerActor, nm).remote(cfg, rd, nm) for nm in names],
-                                        cfg.learner.ppo_epochs)
+                                        cfg.learner.ppo_epochs, cfg.learner.strategy == "fsdp2")
         m = cfg.engine.replicas
         # several replicas: a call on a dead one fails at once and the fleet re-sends it to the others
         extra = {} if m == 1 else {"max_task_retries": 0}

@@ -42,31 +42,40 @@ def _max(*values: float) -> float:
     return max(values)
 
 
+@ray.remote(num_cpus=0)
+def _first(*values: Any) -> Any:
+    return values[0]
+
+
 class _Call:
     def __init__(self, fn: Callable[..., Any]):
         self.remote = fn
 
 
 class LearnerGroup:
-    def __init__(self, ranks: list[Any], ppo_epochs: int = 1):
+    def __init__(self, ranks: list[Any], ppo_epochs: int = 1, sharded: bool = False):
         self.ranks = ranks
         self.ppo_epochs = ppo_epochs
         lead = ranks[0]
+        # fsdp2 (`sharded`): gathering the full weights is a collective, so every rank exports and saves
+        # (rank 0 writes); the caller gets rank 0's answer once all ranks are done
+        on = (lambda f: _first.remote(*[f(r) for r in ranks])) if sharded else (lambda f: f(lead))
         self.train_step = _Call(self._train_step)
         self.train_batch = _Call(self._train_batch)
-        self.export = _Call(lambda role, out_dir: lead.export.remote(role, out_dir))
-        self.save_checkpoint = _Call(lambda root: lead.save_checkpoint.remote(root))
+        self.export = _Call(lambda role, out_dir: on(lambda r: r.export.remote(role, out_dir)))
+        self.save_checkpoint = _Call(lambda root: on(lambda r: r.save_checkpoint.remote(root)))
         self.versions = _Call(lambda: lead.versions.remote())
         self.pid = _Call(lambda: lead.pid.remote())
         self.busy_seconds = _Call(lambda: _max.remote(*[r.busy_seconds.remote() for r in ranks]))
         self.busy_spans = _Call(lambda: lead.busy_spans.remote())  # ranks step in lockstep: rank 0's spans
 
     @classmethod
-    def form(cls, ranks: list[Any], ppo_epochs: int = 1) -> "LearnerGroup":
-        """Rendezvous at rank 0's node, every rank joins, rank 0's trainable weights reach all."""
+    def form(cls, ranks: list[Any], ppo_epochs: int = 1, sharded: bool = False) -> "LearnerGroup":
+        """Rendezvous at rank 0's node, every rank joins, rank 0's trainable weights reach all (fsdp2: and
+        the model is sharded, then every rank loads the committed checkpoint)."""
         address, port = ray.get(ranks[0].rendezvous.remote())
         ray.get([r.join.remote(i, len(ranks), address, port) for i, r in enumerate(ranks)])
-        return cls(ranks, ppo_epochs)
+        return cls(ranks, ppo_epochs, sharded)
 
     def _train_step(self, role: str, trajectories: list, weights: list[float] | None = None,
                     keep_advantage: list[bool] | None = None):
