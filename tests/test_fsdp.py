@@ -92,12 +92,15 @@ def test_fsdp2_ranks_make_the_single_process_update_and_resume(tiny_model, tmp_p
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
     for m, w in zip(got["metrics"], want_metrics):  # rank 0's share; the totals are global
         assert m == {} or m["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)
+    assert sum(bool(m) for m in got["metrics"]) >= 2  # rank 0 trained (the checks above did not all pass on {})
     assert got["version"] == single.policy_version
     assert got["before"].keys() == want_before.keys() and want_before
     for k in want_before:
-        assert torch.allclose(got["before"][k], want_before[k], atol=1e-5, rtol=0), k
         assert torch.equal(got["same"][k], got["before"][k]), k  # the checkpoint restored every shard
-        if finetune == "lora":  # full fine-tuning: the step after a resume is not yet exact (docs/learner.md)
+        # full fine-tuning: Adam (lr 1e-2) turns last-bit differences of near-zero gradients into steps of up
+        # to lr, so there the gradient (grad_norm above, every step) is what is compared (docs/learner.md)
+        if finetune == "lora":
+            assert torch.allclose(got["before"][k], want_before[k], atol=1e-5, rtol=0), k
             assert torch.allclose(got["after"][k], want_after[k], atol=1e-5, rtol=0), k
     fresh = _weights(Learner(cfg.model, cfg.learner, seed=cfg.seed, device="cpu"))
     assert sum(not torch.equal(want_after[k], fresh[k]) for k in fresh) > len(fresh) // 3  # not a no-op
