@@ -56,3 +56,42 @@ def test_split_placement_puts_learner_and_rollout_in_their_bundles(tmp_path):
         assert ray.util.placement_group_table(pg)["state"] == "REMOVED"
     finally:
         ray.shutdown()
+
+
+def test_an_actor_that_dies_while_the_run_starts_is_named(tmp_path):
+    """An actor that fails between its creation and the first iteration (here: a model directory with no
+    model in it, which only the model-loading actors notice) stops the start with one error naming that actor
+    and its log, and the actors already up are stopped (was: Ray's ActorDiedError, naming nobody)."""
+    import ray
+
+    from selfplay.run.cluster.actors import Actors, ActorStartError
+
+    (tmp_path / "no-model").mkdir()
+    cfg = load_config(REPO / "configs" / "debug.yaml",
+                      ["engine.backend=hf", f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tmp_path / 'no-model'}"])
+    rd = RunDir(Path(cfg.run_dir))
+    rd.root.mkdir(parents=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        import os
+        import time
+
+        with pytest.raises(ActorStartError, match=r"the learner actor died while the run was starting: "
+                                                  r"ValueError: Unrecognized model in .*logs/learner\.log"):
+            Actors.start(cfg, rd)
+        up = {e["actor"]: e["pid"] for e in rd.read_events() if e.get("event") == "actor_start"}
+        assert {"sandbox", "verifier"} <= set(up), up
+
+        def alive(pid: int) -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            return True
+
+        deadline = time.monotonic() + 60  # ray.kill is asynchronous: the processes go within seconds
+        while any(alive(up[a]) for a in ("sandbox", "verifier")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [a for a in ("sandbox", "verifier") if alive(up[a])]  # the actors already up are stopped
+    finally:
+        ray.shutdown()

@@ -113,7 +113,9 @@ def test_a_run_whose_sandbox_dies_stops_before_training_on_it(tmp_path):
                     "loop.iterations=1", "ray.max_actor_restarts=0",
                     "ray.max_task_retries=0", "sandbox.max_error_rate=0", "sandbox.min_calls_for_error_rate=1")
     started = lambda name: [e for e in rd.read_events() if e.get("event") == "actor_start" and e["actor"] == name]  # noqa: E731
-    wait_for(lambda: started("rollout"), 300, "the rollout actor", proc)
+    # the first stage of iteration 1: every actor is up (a death during start-up is
+    # test_actors.py::test_an_actor_that_dies_while_the_run_starts_is_named)
+    wait_for(lambda: [e for e in rd.read_events() if e.get("event") == "stage"], 300, "iteration 1", proc)
     os.kill(started("sandbox")[0]["pid"], signal.SIGKILL)
     out = finish(proc)
     assert proc.returncode == 1, out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,10 @@ class _Busy:
         except OSError as e:
             return node, f"{type(e).__name__}: {e}"
         return node, None
+
+
+class ActorStartError(RuntimeError):
+    """An actor died between its creation and the first iteration (killed, out of memory, a crash at import)."""
 
 
 class RunDirNotShared(RuntimeError):
@@ -406,7 +411,17 @@ class Actors:
         every = {"sandbox": sandbox, "verifier": verifier,
                  **{actor_name("learner", i, n): h for i, h in enumerate(ranks)},
                  **{actor_name("rollout", i, m): h for i, h in enumerate(fleet.handles)}}
-        ray.get([h.pid.remote() for h in every.values()])  # surface start-up errors now
+        pids = {name: h.pid.remote() for name, h in every.items()}
+        for name, ref in pids.items():  # surface start-up errors now, naming the actor that failed
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                actors.stop()
+                # the exception its constructor raised is the last line naming one (else Ray's own)
+                named = [ln.strip() for ln in str(e).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", ln)]
+                why = (named[-1] if named else type(e).__name__)[:240]
+                raise ActorStartError(f"the {name} actor died while the run was starting: {why}; "
+                                      f"its log: {rd.logs / f'{name}.log'}") from None
         check_run_dir(every, rd)
         return actors
 
