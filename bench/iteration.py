@@ -26,9 +26,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from selfplay.config import load_config
-from selfplay.run.driver import Driver
-from selfplay.run.rundir import RunDir
+# bench/sandbox.py would shadow the `sandbox` package, here and (Ray hands the driver's script directory to its
+# workers while it is on sys.path) in the actors: this script imports from the repository, not from bench/
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+
+from selfplay.config import load_config  # noqa: E402
+from selfplay.run.driver import Driver  # noqa: E402
+from selfplay.run.rundir import RunDir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["propose", "solve", "verify", "practice", "learn_proposer", "learn_executor", "weight_sync", "tools",

@@ -22,10 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-from selfplay.config import EngineConfig, ModelConfig
-from selfplay.types import SamplingParams
+# bench/sandbox.py would shadow the `sandbox` package, here and (Ray hands the driver's script directory to its
+# workers while it is on sys.path) in the actors: this script imports from the repository, not from bench/
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+
+from selfplay.config import EngineConfig, ModelConfig  # noqa: E402
+from selfplay.types import SamplingParams  # noqa: E402
 
 OBSERVATION = "<|im_start|>user\n```output\n42\n```\nContinue.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -110,8 +117,6 @@ def slow_tool(pool):
 def schedules(args) -> dict[str, list]:
     """Generated (model-written) tokens per second of each schedule: one short warm-up of each, then
     `args.repeats` adjacent pairs (order alternating, same seed within a pair, a new seed per pair)."""
-    import os
-
     from roles.executor import Executor
     from sandbox import Limits, SandboxPool
     from selfplay.config import ExecutorConfig
