@@ -1,40 +1,28 @@
 """Resume "with no duplicate and no gap" (README): the driver stopped at every stage boundary of an iteration,
-by SIGKILL, SIGTERM and SIGINT, in both pipelines. The synchronous test has not run yet and skips unless
-SELFPLAY_RESUME_MATRIX=1 (see MATRIX); tests/test_resume_sync_chain.py covers it meanwhile.
+by SIGKILL, SIGTERM and SIGINT, in both pipelines (the synchronous test skips unless SELFPLAY_RESUME_MATRIX=1).
 
-Exact timing, no sleeps: with `SELFPLAY_PAUSE_AT_ITERATION=N` the driver stops itself (SIGSTOP) right after
-writing each stage event of iteration N (selfplay/run/loop.py `pause_point`). The test then freezes everything
-the driver started (its process group: Ray's GCS and raylet; the actors, each in a group of its own), and at
-that instant
-- copies the run directory: what a SIGKILL leaves on disk at that boundary (nothing of the driver runs after
-  it; `_real_sigkill_leaves_the_snapshot` checks this with a real SIGKILL);
-- or sends SIGTERM to the driver (`selfplay stop`, `ray job stop`) or SIGINT to the group (Ctrl-C), which the
-  driver handles as soon as it goes on;
-- then lets it go on (SIGCONT), or kills it.
+Exact timing, no sleeps: with `SELFPLAY_PAUSE_AT_ITERATION=N` the driver stops itself (SIGSTOP) after each
+stage event of iteration N (loop.py `pause_point`); the test freezes all it started (its group: GCS, raylet;
+the actors, each in a group of its own) and then copies the run directory (what a SIGKILL there leaves:
+`_real_sigkill_leaves_the_snapshot` checks it with a real one), sends SIGTERM to the driver (`selfplay stop`)
+or SIGINT to the group (Ctrl-C), and lets it go on, or kills it. So one life yields the SIGKILL state of every
+boundary; each is restored and resumed with the CLI (`_kill_states_resume_to_the_commit`): the resume event's
+dropped counts must equal what the state holds past the commit, and the resume (SIGKILLed after its rollback)
+must leave the committed state exactly. A resume from the committed state reaches the uninterrupted result
+(the chains below), so each SIGKILL state does too.
 
-One driver life thus yields the SIGKILL state of every boundary. Each state is restored and resumed with the
-real CLI (`_kill_states_resume_to_the_commit`): the resume event's dropped counts must equal what the state
-holds past the commit, and what the resume leaves must equal the committed state exactly (pool, replay with
-consumption and advantages, tasks, trajectories, scalars, versions; no adapter published past the commit);
-the resume is then SIGKILLed (a kill of the resume itself, after its rollback, before its actors). A resume
-that goes on from the committed state reaches the uninterrupted run's result (the chains below), so each
-SIGKILL state does too.
-
-SIGTERM and SIGINT: one handler (`Driver._on_signal`) for both, checked with both signals in
-`test_sigterm_and_sigint_reach_the_same_handler_state`; Ctrl-C's SIGINT to the whole group reaches Ray's
-processes too, which block it (checked on the live run: `_sigint_blocked`). The stop happens at the next
-safe point, so the boundaries between two safe points give the same stop; still, each boundary of the
-synchronous loop gets a real graceful signal in the chain (SIGTERM and SIGINT alternating, two signals in
-one life where the product keeps running to the commit), and each graceful stop must leave exactly what the
-uninterrupted run had at that safe point. The asynchronous pipeline gets one graceful stop (SIGINT at
-practice) and one real SIGKILL in its chain: its graceful path is the same `stage` safe point, and when a
-finished learner step is pushed between stages depends on timing, so its second iteration is compared by
-invariants (every rollout trained exactly once), its first value for value.
+SIGTERM and SIGINT run one handler (`test_sigterm_and_sigint_reach_the_same_handler_state`); Ctrl-C's SIGINT to
+the group also reaches Ray's GCS and raylet, which block it (`_sigint_blocked`, on the live run). The stop comes
+at the next safe point; each boundary of the synchronous loop still gets a real graceful signal (alternating,
+two in one life where the run goes on to the commit), and each stop must leave exactly what the uninterrupted
+run had at that safe point. The asynchronous chain: Ctrl-C at practice, a real SIGKILL; when a finished
+learner step reaches the engine depends on timing there, so its second iteration is checked by invariants.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -267,6 +255,18 @@ def _contents(rd: RunDir) -> dict:
             "committed": (state.get("iteration", 0), state.get("versions")), "published": published}
 
 
+def _diff(got: dict, want: dict) -> dict:
+    """The parts of two `_contents` that differ. Scalars match to 1e-6 relative: a resumed learner's float32
+    reductions may end one ulp off (learner/proposer/grad_norm 0.29045808 vs 0.29045811 seen); the rest exactly."""
+    def close(a, b):
+        return a[:2] == b[:2] and (a[2] == b[2] or (a[2] is not None and b[2] is not None
+                                                    and math.isclose(a[2], b[2], rel_tol=1e-6)))
+    out = {k: (got[k], want[k]) for k in got if k != "scalars" and got[k] != want[k]}
+    if len(got["scalars"]) != len(want["scalars"]) or not all(map(close, got["scalars"], want["scalars"])):
+        out["scalars"] = [(a, b) for a, b in zip(got["scalars"], want["scalars"]) if not close(a, b)] or "count"
+    return out
+
+
 def _left_over(c: dict) -> dict:
     """What a run's contents hold past its commit: what a resume must drop, as its `resume` event counts it."""
     it, versions = c["committed"]
@@ -345,7 +345,7 @@ def _kill_states_resume_to_the_commit(root: Path, snaps: dict, pipeline: str) ->
         versions = got["committed"][1] or {}
         assert all(v <= versions.get(r, 0) for r, v in got.pop("published").items()), key
         want.pop("published")
-        assert got == want, (key, {k: (got[k], want[k]) for k in got if got[k] != want[k]})
+        assert not _diff(got, want), (key, _diff(got, want))
         done[tree] = key
     assert any(_left_over(_contents(RunDir(snaps[k])))["pool"] for k in done.values())  # the kills did drop
     assert any(_left_over(_contents(RunDir(snaps[k])))["replay"]["iterations"] for k in done.values())
@@ -377,7 +377,8 @@ def _stop_life(root: Path, plan: dict, pause: str, snaps: dict | None = None) ->
 
 # ------------------------------------------------------------------------------------------ the tests
 T, I = signal.SIGTERM, signal.SIGINT
-# Not run yet (no machine time left); tests/test_resume_sync_chain.py covers meanwhile
+# Ran once (2026-12-03, load 6-7, 11.9 min): all passed up to the graceful stop after learn_executor, whose
+# comparison failed on a one-ulp float32 difference (now compared by _diff); tests/test_resume_sync_chain.py covers
 MATRIX = pytest.mark.skipif(os.environ.get("SELFPLAY_RESUME_MATRIX") != "1",
                             reason="not yet run once on a 2-core machine: SELFPLAY_RESUME_MATRIX=1 runs it")
 # synchronous loop: one graceful signal at each boundary, alternating; the first five stop at the next safe
@@ -414,7 +415,7 @@ def test_sync_stopped_at_every_boundary_by_each_signal_resumes_to_the_uninterrup
         assert code == (130 if status == "stopped" else 0), (plan, out)
         want = _contents(RunDir(snaps[expected])) if expected else want_final
         got = _contents(rd)
-        assert got == want, (plan, {k: (got[k], want[k]) for k in got if got[k] != want[k]})
+        assert not _diff(got, want), (plan, _diff(got, want))
     again = selfplay("resume", str(root))
     assert "already finished" in finish(again) and again.returncode == 0
     assert {it for it, _, _ in want_final["scalars"]} == {1, 2, 3}  # no gap, no duplicate: 3 iterations, once

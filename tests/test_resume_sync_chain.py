@@ -13,6 +13,7 @@ the nine stops cost about as much as four plain runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -182,8 +183,11 @@ def _compare(rd: RunDir, uninterrupted: RunDir) -> None:
     assert rd.state()["versions"] == uninterrupted.state()["versions"]
     assert sum(e.get("event") == "resume" for e in rd.read_events()) in (len(STOPS) - 1, len(STOPS))
     got, want = _contents(rd), _contents(uninterrupted)
-    for part in ("pool", "replay", "tasks", "trajectories", "scalars"):
+    for part in ("pool", "replay", "tasks", "trajectories"):
         assert got[part] == want[part], part
+    # a resumed learner's float32 reductions may end one ulp off (learner/proposer/grad_norm seen): 1e-6 relative
+    assert [s[:2] for s in got["scalars"]] == [s[:2] for s in want["scalars"]]
+    assert all(a[2] == b[2] or math.isclose(a[2], b[2], rel_tol=1e-6) for a, b in zip(got["scalars"], want["scalars"]))
     # no duplicate, no gap; both roles trained in both runs
     assert {it for it, _, _ in got["scalars"]} == {1, 2}
     assert {(role, it) for role, it, *_ in got["replay"]} >= {("proposer", 1), ("proposer", 2), ("executor", 2)}
