@@ -4,6 +4,7 @@ logs/driver.log, where to look at the end; then `resume RUN loop.iterations=N` e
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from selfplay.run.rundir import RunDir
+from terminal import run_on_terminal
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +23,9 @@ TINY = [
     "executor.max_turns=1", "executor.max_tokens_per_turn=64", "eval.every=0", "engine.backend=hf",
 ]
 MAX_LINES_BEFORE_SUMMARY = 20
+# what Ray, vLLM and the libraries print when they reach the terminal (the issue counted 78 such lines)
+NOISE = ("core_worker", "Token authentication", "Loading weights", "INFO", "(pid=", "Traceback", "it/s]",
+         "WARNING", "gguf", "torch_dtype", "Ray.init")
 
 
 def selfplay(*args: str) -> subprocess.CompletedProcess:
@@ -85,3 +90,30 @@ def test_an_error_after_ray_started_is_one_short_message(tmp_path):
     assert "--verbose" in after[1] and str(rd.logs / "driver.log") in after[1]
     assert "Traceback" in (rd.logs / "driver.log").read_text()
     assert rd.state()["status"] == "failed"
+
+
+def test_vllm_run_on_a_terminal_shows_a_live_line_and_a_short_console(tmp_path):
+    """`make run` as a user sees it: configs/debug.yaml's vLLM backend (tiny, 1 iteration), on a terminal.
+    While it goes, one live line names what it does (the actors' start, then each stage of iteration 1 with
+    its time); the final screen keeps at most 20 lines before the first iteration's summary, none of Ray's
+    or vLLM's, and nothing of the live line."""
+    rd = RunDir(tmp_path / "run")
+    tiny = [o for o in TINY if o != "engine.backend=hf"] + ["engine.backend=vllm"]
+    env = {k: v for k, v in os.environ.items() if k != "SELFPLAY_DEBUG"}
+    shown = run_on_terminal([sys.executable, "-m", "selfplay", "run", DEBUG, f"run_dir={rd.root}",
+                             "loop.iterations=1", *tiny], cwd=REPO, env=env, cols=160, timeout=900)
+    final = "\n".join(shown.final)
+    assert shown.returncode == 0, final
+    before = lines_before(final, "it    1")
+    assert len(before) <= MAX_LINES_BEFORE_SUMMARY, final
+    assert before[0].startswith("run directory: ") and any("engine vllm" in ln for ln in before), final
+    seen = "\n".join(ln for frame in shown.frames for ln in frame)
+    for noise in NOISE:
+        assert noise not in seen, (noise, final)
+    live = shown.lines_with("iterations ")
+    assert any(re.search(r"0/1 .*starting the actors \d+:\d\d", ln) for ln in live), live
+    stages = set(re.findall(r"0/1 .*iteration 1 · (\w+) \d+:\d\d", "\n".join(live)))
+    assert {"propose", "solve"} <= stages, live  # the long stages (a stage shorter than a redraw may never show)
+    assert "iterations " not in final  # the live line leaves nothing behind
+    assert f"selfplay dashboard {rd.root}" in final.replace("\n", "") and rd.state()["status"] == "finished"
+    assert (rd.logs / "rollout.log").stat().st_size > 0  # vLLM's own output went to its actor's log
