@@ -207,10 +207,10 @@ def test_adapter_path_resolves_a_checkpoint_root_to_the_latest_executor_adapter(
         _resolve_adapter(adapter_checkpoint.parent / "empty")
 
 
-def check_outputs(out_dir, tools: bool, n_items: int):
+def check_outputs(out_dir, tools: bool, n_items: int, benchmark: str = "generated"):
     results = json.loads((out_dir / "results.json").read_text())
     assert set(results) >= {"config", "metrics", "started_at", "finished_at", "duration_s", "versions"}
-    assert results["config"]["tools"] is tools and results["config"]["benchmark"] == "generated"
+    assert results["config"]["tools"] is tools and results["config"]["benchmark"] == benchmark
     m = results["metrics"]
     for name in ("pass@1", "maj@1", "answered"):
         assert 0.0 <= m[name] <= 1.0
@@ -250,11 +250,16 @@ def test_real_evaluation_without_tools_through_the_cli(tmp_path):
     app = typer.Typer()
     app.command("eval")(eval_command)
     app.command("noop")(lambda: None)  # two commands: typer keeps "eval" as a subcommand name
-    args = ["eval", "--model", "embedded", "--benchmark", "generated", "--limit", "2", "--no-tools",
+    from selfplay.evaluation.benchmarks import generate_benchmark, save_jsonl
+
+    bench = save_jsonl(generate_benchmark(2, seed=0), tmp_path / "two.jsonl")  # a file: read through `datasets`
+    args = ["eval", "--model", "embedded", "--benchmark", str(bench), "--no-tools",
             "--out", str(tmp_path / "nt")] + [a for s in SMALL for a in ("--set", s)]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    results, rows = check_outputs(tmp_path / "nt", tools=False, n_items=2)
+    # our lines only: neither datasets' nor transformers' progress bars
+    assert not [w for w in ("Generating train split", "Loading weights", "it/s]") if w in res.output], res.output
+    results, rows = check_outputs(tmp_path / "nt", tools=False, n_items=2, benchmark="two")
     assert results["metrics"]["tool_calls_mean"] == 0 and all(r["tool_calls"] == 0 for r in rows)
     assert results["config"]["max_turns"] == 1
 

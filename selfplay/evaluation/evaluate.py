@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -375,8 +376,8 @@ def evaluate_during_training(engine: Any, executor: Any, verifier: Any, cfg: Eva
 
 def eval_command(
     model: Annotated[Optional[str], typer.Option("--model", help="local path, hub id, or 'embedded'")] = None,
-    benchmark: Annotated[str, typer.Option("--benchmark", help="gsm8k, math500, aime24, humaneval, generated, or a "
-                                           "JSONL/JSON/Parquet/CSV file")] = "generated",
+    benchmark: Annotated[str, typer.Option("--benchmark", help="gsm8k, math500, aime24, humaneval, generated, a "
+                                           "JSONL/JSON/Parquet/CSV file, a saved datasets dir, or a hub id (owner/name)")] = "generated",
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="peft adapter dir or training checkpoint")] = None,
     tools: Annotated[bool, typer.Option("--tools/--no-tools", help="let the executor run Python")] = True,
     samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="samples per item (k of maj@k)")] = 1,
@@ -412,6 +413,12 @@ def eval_command(
     if backend not in ("hf", "vllm"):
         console.print(f"[red]error:[/red] --backend must be hf or vllm, got {backend!r}")
         raise typer.Exit(2)
+    if not os.environ.get("SELFPLAY_DEBUG"):  # our lines only: no library progress bars on the terminal
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     try:
         run_cfg = load_config(config, overrides or [])
         report = evaluate(model, benchmark, adapter, tools, samples, limit, out, backend, fields, split, temperature,
