@@ -76,8 +76,8 @@ def test_an_actor_that_dies_while_the_run_starts_is_named(tmp_path):
         import os
         import time
 
-        with pytest.raises(ActorStartError, match=r"the learner actor died while the run was starting: "
-                                                  r"ValueError: Unrecognized model in .*logs/learner\.log"):
+        with pytest.raises(ActorStartError, match=r"the learner actor died while the run was starting \(its log: "
+                                                  r".*logs/learner\.log\): ValueError: Unrecognized model in "):
             Actors.start(cfg, rd)
         up = {e["actor"]: e["pid"] for e in rd.read_events() if e.get("event") == "actor_start"}
         assert {"sandbox", "verifier"} <= set(up), up

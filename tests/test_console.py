@@ -86,7 +86,9 @@ def test_an_error_after_ray_started_is_one_short_message(tmp_path):
     after = lines_before(out + "\nit    end", "it    end")
     after = after[next(i for i, ln in enumerate(after) if ln.startswith("starting ")) + 1:]
     assert len(after) <= 3, out
-    assert after[0].startswith("error: ValueError: Unrecognized model") and "Traceback" not in out
+    assert after[0].startswith(f"error: ActorStartError: the learner actor died while the run was starting (its log: "
+                               f"{rd.logs / 'learner.log'}): ValueError: Unrecognized model"), out
+    assert "Traceback" not in out
     assert "--verbose" in after[1] and str(rd.logs / "driver.log") in after[1]
     assert "Traceback" in (rd.logs / "driver.log").read_text()
     assert rd.state()["status"] == "failed"

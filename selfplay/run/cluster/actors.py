@@ -420,8 +420,8 @@ class Actors:
                 # the exception its constructor raised is the last line naming one (else Ray's own)
                 named = [ln.strip() for ln in str(e).splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", ln)]
                 why = (named[-1] if named else type(e).__name__)[:240]
-                raise ActorStartError(f"the {name} actor died while the run was starting: {why}; "
-                                      f"its log: {rd.logs / f'{name}.log'}") from None
+                raise ActorStartError(f"the {name} actor died while the run was starting (its log: "
+                                      f"{rd.logs / f'{name}.log'}): {why}") from None
         check_run_dir(every, rd)
         return actors
 
