@@ -198,4 +198,4 @@ def check_dashboard_on_real_run(rd: RunDir) -> None:
         assert detail["trajectories"]
 
 
-# Seed reproducibility, SIGKILL/SIGTERM/SIGINT and resume: tests/test_resume_sync_chain.py, test_resume.py.
+# Seed reproducibility, SIGKILL/SIGTERM/SIGINT and resume: tests/test_resume.py.
