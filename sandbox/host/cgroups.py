@@ -185,17 +185,21 @@ def _remove_stale(base: str) -> None:
     """Trees left by pools whose process was killed (no close() ran). Only empty cgroups can go."""
     for name in os.listdir(base) if os.path.isdir(base) else []:
         if owner_dead(name):
-            tree = os.path.join(base, name)
-            for slot in os.listdir(tree):
-                if os.path.isdir(os.path.join(tree, slot)):
-                    try:
-                        os.rmdir(os.path.join(tree, slot))
-                    except OSError:
-                        pass
+            _remove_tree(os.path.join(base, name))
+
+
+def _remove_tree(tree: str) -> None:
+    """rmdir a cgroup and its child cgroups; only empty ones can go (a busy one stays, silently)."""
+    for sub in os.listdir(tree) if os.path.isdir(tree) else []:
+        if os.path.isdir(os.path.join(tree, sub)):
             try:
-                os.rmdir(tree)
+                os.rmdir(os.path.join(tree, sub))
             except OSError:
                 pass
+    try:
+        os.rmdir(tree)
+    except OSError:
+        pass
 
 
 class CgroupTree:
@@ -273,13 +277,4 @@ class CgroupTree:
 
     def remove(self) -> None:
         for d in dict.fromkeys(d for d in (self.memory_base, self.pids_base, self.cpu_base) if d):
-            for sub in os.listdir(d) if os.path.isdir(d) else []:
-                if os.path.isdir(os.path.join(d, sub)):
-                    try:
-                        os.rmdir(os.path.join(d, sub))
-                    except OSError:
-                        pass
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+            _remove_tree(d)
