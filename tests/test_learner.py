@@ -226,7 +226,9 @@ def test_logprobs_match_plain_forward(batch):
     _, want = reference_loss(learner, batch)
     for i, t in enumerate(batch):
         w = [v if m else 0.0 for v, m in zip(want[i, :len(t.completion_ids)].tolist(), t.loss_mask)]
-        assert got[i] == pytest.approx(w, abs=1e-4)
+        # fp32, a log-sum-exp over 49k logits taken in chunks: a token at log p = -30 came out 1.1e-4 off
+        # (3.8e-6 relative) in one full-suite run, so the bound is relative as well as absolute
+        assert got[i] == pytest.approx(w, abs=1e-4, rel=1e-5)
     assert any(abs(a - b) > 1e-3 for g, r in zip(got, base) for a, b in zip(g, r))  # adapter matters
 
 
