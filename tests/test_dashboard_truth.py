@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -82,18 +83,29 @@ def ema_debiased(ys: list[float], w: float) -> list[float]:
     return out
 
 
-def test_charts_draw_the_logged_numbers(served):
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian chromium not installed (`make browser` installs it; needs root and apt)")
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def opened(served: str, errors: list[str]):
+    """The dashboard at `served` in Chromium, drawn (the time chart's bars are there); page errors go to
+    `errors`."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(served)
         page.wait_for_selector('[data-chart="time"] rect.bar')
+        yield page
+        browser.close()
+
+
+def test_charts_draw_the_logged_numbers(served):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not installed (`make browser` installs it; needs root and apt)")
+    from playwright.sync_api import expect
+
+    errors: list[str] = []
+    with opened(served, errors) as page:
 
         # time: only the disjoint stages are stacked, and each bar's height is the iteration's wall time
         bars = page.eval_on_selector_all('[data-chart="time"] rect.bar', "els => els.map(e => [+e.dataset.x, "
@@ -162,7 +174,6 @@ def test_charts_draw_the_logged_numbers(served):
         assert [x for x, _ in points("accept")] == pytest.approx([TOTAL, 2 * TOTAL, 3 * TOTAL])
         page.select_option("#x-axis", "tokens")
         assert [x for x, _ in points("accept")] == pytest.approx([100, 350, 750])
-        browser.close()
     assert not errors, errors
 
 
@@ -171,18 +182,12 @@ def test_every_chart_follows_the_x_axis_choice(served):
     stretch from the previous iteration's end to its own, drawn where that axis's ticks say it is."""
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium not installed (`make browser` installs it; needs root and apt)")
-    from playwright.sync_api import sync_playwright
 
     wall = [(it * TOTAL, (it + 1) * TOTAL) for it in range(3)]
     tokens = [(0.0, 100.0), (100.0, 350.0), (350.0, 750.0)]
     charts = {"time": "rect.bar", "sandbox": "rect.bar", "difficulty-truth": "rect.cell:not(.unscored)"}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(served)
-        page.wait_for_selector('[data-chart="time"] rect.bar')
+    errors: list[str] = []
+    with opened(served, errors) as page:
 
         def drawn(chart: str, sel: str) -> dict[int, tuple[float, float]]:
             """iteration -> [left, right] of its bars, in the x axis's unit, read back through the ticks."""
@@ -222,5 +227,4 @@ def test_every_chart_follows_the_x_axis_choice(served):
                 assert sum(got[it]) / 2 == pytest.approx(it, abs=0.05), (chart, it, got[it])
         for chart in every:
             assert max_xtick(chart) <= 3, chart
-        browser.close()
     assert not errors, errors
