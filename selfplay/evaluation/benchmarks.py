@@ -252,7 +252,7 @@ def load_benchmark(name_or_path: str, fields: str | dict[str, str] | None = None
         rows, columns = _load_saved(path, split)
     elif path.exists():
         rows, columns = _load_rows(path, split)
-    elif HUB_ID.fullmatch(name_or_path) and not path.suffix.lower() in LOCAL_SUFFIXES:
+    elif HUB_ID.fullmatch(name_or_path) and path.suffix.lower() not in LOCAL_SUFFIXES:
         if not declared:
             raise BenchmarkError(f"hub dataset {name_or_path!r}: declare its columns with fields "
                                  f"(question=...,answer=...)")
