@@ -297,8 +297,10 @@ def _reference(root: Path, args: tuple, snaps: Path, blocked: dict) -> dict[tupl
     life = Life(rd, "run", *args, f"run_dir={root}", pause="1,2")
     out = {}
     try:
+        seen = []
         while (e := life.next_pause()) is not None:
             key = (e["iteration"], e["stage"], e["phase"])
+            seen.append(key)
             if e["iteration"] == 2 or key == (1, "commit", "end"):
                 if key == (2, "propose", "start"):
                     blocked.update(_sigint_blocked(life.pid))
@@ -361,8 +363,10 @@ def _stop_life(root: Path, plan: dict, pause: str, snaps: dict | None = None) ->
     try:
         life.wait_event("resume")
         _resume_event_matches(rd, before, f"resume before {plan}")
+        seen = []
         while (e := life.next_pause()) is not None:
             key = (e["iteration"], e["stage"], e["phase"])
+            seen.append(key)
             if snaps is not None:
                 snaps[key] = root.parent / ("life-" + "-".join(map(str, key)))
                 shutil.copytree(root, snaps[key], symlinks=True)
@@ -371,7 +375,8 @@ def _stop_life(root: Path, plan: dict, pause: str, snaps: dict | None = None) ->
     finally:
         life.kill()
     signals = [e["signal"] for e in rd.read_events() if e.get("event") == "signal"]
-    assert signals[len(signals) - len(plan):] == [s.name for s in plan.values()], signals
+    assert signals[len(signals) - len(plan):] == [s.name for s in plan.values()], \
+        (signals, f"exit {code}", "pauses seen:", seen, out[-3000:])
     return code, out, before
 
 
