@@ -354,6 +354,19 @@ def _kill_states_resume_to_the_commit(root: Path, snaps: dict, pipeline: str) ->
     assert any(_left_over(_contents(RunDir(snaps[k])))["metrics"]["scalars"] for k in done.values())
 
 
+def _uninterrupted_and_kill_states(tmp_path: Path, args: tuple, pipeline: str) -> tuple:
+    """Both matrices' first phases: the uninterrupted run (paused and copied at every boundary, then moved to
+    `uninterrupted/`) and the SIGKILL state of every boundary resumed to the commit. Returns (the empty run
+    directory the chains use, the copies, the uninterrupted run's directory, its contents, _sigint_blocked)."""
+    root, blocked = tmp_path / "run", {}
+    snaps = _reference(root, args, tmp_path / "snaps", blocked)
+    final = tmp_path / "uninterrupted"
+    shutil.move(root, final)
+    root.mkdir()
+    _kill_states_resume_to_the_commit(root, snaps, pipeline)
+    return root, snaps, final, _contents(RunDir(final)), blocked
+
+
 def _stop_life(root: Path, plan: dict, pause: str, snaps: dict | None = None) -> tuple[int, str, dict]:
     """Resume, send plan[(iteration, stage, phase)] at those boundaries, let it run to its end. With `snaps`,
     copy the run directory at each pause into it. Returns (exit code, output, contents before the resume)."""
@@ -399,14 +412,7 @@ SYNC_STOPS = [  # (plan, the reference's copy the stop must leave, expected stat
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_sync_stopped_at_every_boundary_by_each_signal_resumes_to_the_uninterrupted_run(tmp_path):
-    root = tmp_path / "run"
-    blocked: dict = {}
-    snaps = _reference(root, SYNC, tmp_path / "snaps", blocked)
-    final = tmp_path / "uninterrupted"
-    shutil.move(root, final)
-    root.mkdir()
-    want_final = _contents(RunDir(final))
-    _kill_states_resume_to_the_commit(root, snaps, "sync")
+    root, snaps, final, want_final, blocked = _uninterrupted_and_kill_states(tmp_path, SYNC, "sync")
     _restore(snaps[(2, "propose", "start")], root)  # a SIGKILL state: the chain starts with its resume
     for plan, expected, status in SYNC_STOPS:
         pause = str(next(iter(plan))[0])
@@ -428,14 +434,7 @@ def test_sync_stopped_at_every_boundary_by_each_signal_resumes_to_the_uninterrup
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_async_stopped_at_every_boundary_resumes_without_losing_or_repeating(tmp_path):
-    root = tmp_path / "run"
-    blocked: dict = {}
-    snaps = _reference(root, ASYNC, tmp_path / "snaps", blocked)
-    final = tmp_path / "uninterrupted"
-    shutil.move(root, final)
-    root.mkdir()
-    want_final = _contents(RunDir(final))
-    _kill_states_resume_to_the_commit(root, snaps, "async")
+    root, snaps, final, want_final, blocked = _uninterrupted_and_kill_states(tmp_path, ASYNC, "async")
     # the chain: a SIGKILL mid-overlap (learner steps on iteration 1 in flight, iteration 2 rolling out) ...
     _restore(snaps[(2, "solve", "start")], root)
     # ... Ctrl-C at practice: the stop comes at learn_proposer's safe point, after both roles' rollouts of
