@@ -35,11 +35,21 @@ def run_conversations(executor: Executor, groups: list[list[Rollout]], adapter: 
     def call_tool(r: Rollout, code: str, turn: str) -> None:
         tools[threads.submit(executor.run_tools, [code])] = (r, code, turn)
 
+    swap = executor.between_requests
+
     def submit(requests: list[list[Rollout]]) -> None:
         for members in requests:
             params = executor.request_params(members, seed)
             r = members[0]
-            waiting[engine.submit(r.prompt_ids + r.completion_ids, params, adapter=adapter)] = members
+            name = adapter
+            if swap is not None:  # weights may change between requests: this one samples with what is loaded now
+                swap()
+                role = executor.role_adapter
+                name = role if adapter in (None, role) and role in engine.adapter_versions else adapter
+                version = engine.adapter_versions.get(name, 0) if name is not None else 0
+                for m in members:
+                    m.sampled_version = version if m.sampled_version is None else min(m.sampled_version, version)
+            waiting[engine.submit(r.prompt_ids + r.completion_ids, params, adapter=name)] = members
 
     def next_request(r: Rollout) -> None:
         executor.check_length(r)
@@ -57,6 +67,8 @@ def run_conversations(executor: Executor, groups: list[list[Rollout]], adapter: 
         while waiting or tools:
             finished: list[tuple[str, Any]] = []
             if waiting:
+                if swap is not None:
+                    swap()
                 finished = engine.step()
             else:  # only tool calls in flight: nothing to decode until one returns
                 wait(list(tools), return_when=FIRST_COMPLETED)

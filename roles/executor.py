@@ -129,6 +129,9 @@ class Rollout:
     resumes: int = 0
     group: int = 0  # index of its question in the rollout call (request seeds are derived from it)
     requests: int = 0  # engine requests made for it so far
+    # with weights swapped between requests (Executor.between_requests): the oldest adapter version any of its
+    # requests sampled with, which its trajectory is stamped with (staleness never under-counted)
+    sampled_version: int | None = None
 
     @property
     def loss_mask(self) -> list[int]:
@@ -170,7 +173,8 @@ class Rollout:
         return Trajectory(
             role="executor", task_id=self.task_id, group_id=group_id or self.task_id,
             prompt_ids=list(self.prompt_ids), completion_ids=list(self.completion_ids), loss_mask=self.loss_mask,
-            behaviour_logprobs=list(self.logprobs), reward=float(reward), policy_version=policy_version,
+            behaviour_logprobs=list(self.logprobs), reward=float(reward),
+            policy_version=policy_version if self.sampled_version is None else self.sampled_version,
             p_hat=p_hat, text=self.text,
             meta={"question": self.question, "answer": self.answer, "tool_calls": self.n_tool_calls,
                   "statuses": self.statuses, "finish": self.finish, "malformed": list(self.malformed),
@@ -196,6 +200,11 @@ class Executor:
         self.max_model_len = max_model_len or getattr(engine, "max_model_len", None) or ModelConfig().max_model_len
         self.tool_timeout_s = tool_timeout_s
         self.templates = PromptTemplates(self.cfg.prompt_dir)
+        # Set by a rollout worker that takes new weights inside a call (loop.weight_sync=between_requests):
+        # called by the thread driving the engine before each request and engine step of the per-conversation
+        # schedule, it may load a newer adapter; `role_adapter` is then used once loaded (its versions recorded)
+        self.between_requests: Callable[[], None] | None = None
+        self.role_adapter: str | None = None
 
     def build_prompt(self, question: str) -> str:
         system = self.templates.render(

@@ -281,6 +281,10 @@ class LoopConfig(Section):
     # async: the rollout side produces iteration i while the learner trains on iteration i-1 (selfplay/run/
     # pipeline.py), at most replay.max_staleness policy versions behind; sync: one step after the other
     pipeline: Literal["sync", "async"] = "sync"
+    # when a finished learner update reaches the rollout engine in the async pipeline (docs/pipeline.md):
+    # between_calls: between two rollout calls; between_requests: also inside a per-conversation rollout call,
+    # new requests on the new adapter while in-flight ones finish on the old (stamped with the oldest version)
+    weight_sync: Literal["between_calls", "between_requests"] = "between_calls"
     checkpoint_every: int = Field(1, ge=1)
     pool_capacity: int = Field(10000, ge=1)
 
@@ -342,6 +346,12 @@ class RunConfig(Section):
         if self.loop.pipeline == "async" and self.replay.max_staleness < 1:
             raise ValueError("loop.pipeline=async trains each iteration's rollouts one policy version later: "
                              "set replay.max_staleness >= 1 (it is 0)")
+        if self.loop.weight_sync == "between_requests" and self.loop.pipeline != "async":
+            raise ValueError("loop.weight_sync=between_requests needs loop.pipeline=async (the synchronous loop "
+                             "pushes weights only while no rollout runs)")
+        if self.loop.weight_sync == "between_requests" and self.learner.finetune != "lora":
+            raise ValueError("loop.weight_sync=between_requests needs learner.finetune=lora: full weights are "
+                             "reloaded in place, under the requests still in flight")
         return self
 
 

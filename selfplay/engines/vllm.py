@@ -108,6 +108,8 @@ class VLLMEngine:
         self._lora_ids = itertools.count(1)  # vLLM keys its adapter cache by this int: new id per version
         self._request_counter = itertools.count()
         self._pending: dict[str, tuple[list[int], bool]] = {}  # submitted request id -> (prompt ids, logprobs?)
+        self._uses: dict[str, int] = {}  # submitted request id -> the LoRA id it samples with
+        self._retired: dict[int, object] = {}  # replaced LoRAs kept loaded until their last request finishes
 
     # ---------------------------------------------------------------- contract
     @property
@@ -164,6 +166,8 @@ class VLLMEngine:
         lora = self._loras[adapter][0] if adapter is not None else None
         self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), sp, lora_request=lora)
         self._pending[rid] = (ids, params.logprobs)
+        if lora is not None:
+            self._uses[rid] = lora.lora_int_id
         return rid
 
     def step(self) -> list[tuple[str, RequestOutput]]:
@@ -177,8 +181,15 @@ class VLLMEngine:
                 continue
             rid = out.request_id
             ids, want_logprobs = self._pending.pop(rid)
+            self._uses.pop(rid, None)
             done.append((rid, self._request_output(out, ids, want_logprobs, None)))
+        self._remove_retired()
         return done
+
+    def _remove_retired(self) -> None:
+        for lora_id in [i for i in self._retired if i not in self._uses.values()]:
+            del self._retired[lora_id]
+            self.llm.llm_engine.remove_lora(lora_id)
 
     def _draw_seed(self) -> int:
         import torch
@@ -265,8 +276,9 @@ class VLLMEngine:
         if not self.llm.llm_engine.add_lora(request):  # loads it now, so a bad adapter fails here
             raise RuntimeError(f"vLLM refused adapter {update.name!r} from {update.path}")
         self._loras[update.name] = (request, update.version)
-        if old is not None:
-            self.llm.llm_engine.remove_lora(old[0].lora_int_id)
+        if old is not None:  # requests submitted on it and still running finish on it: removed after the last
+            self._retired[old[0].lora_int_id] = old[0]
+            self._remove_retired()
 
     def _load_full(self, update: FullWeightsUpdate) -> None:
         """Reload every checkpoint tensor in place: vLLM fuses q/k/v and gate/up, so updates must be whole."""

@@ -34,6 +34,28 @@ class RolloutWorker:
                                  tool_timeout_s=cfg.sandbox.timeout_s)
         for update in initial_adapters:
             self.engine.update_weights(update)
+        self._incoming: Callable[[], list[WeightUpdate]] | None = None
+        self._early: dict[str, int] = {}  # role -> version loaded inside a call, before the driver's push
+        self.swaps_in_call = 0
+
+    def take_updates_between_requests(self, incoming: Callable[[], list[WeightUpdate]]) -> None:
+        """`loop.weight_sync=between_requests`: during a per-conversation rollout the thread driving the engine
+        calls `incoming()` before each request and engine step and loads any newer executor adapter it returns;
+        requests submitted after that use it, requests in flight finish on the old one (the engine keeps it
+        loaded until they do), and each rollout records the oldest version it sampled with. Only the executor's
+        adapter: it is the one a rollout call samples with (the proposer's samples in `propose`, one call)."""
+        self._incoming = incoming
+        self.executor.between_requests = self._swap
+        self.executor.role_adapter = "executor"
+
+    def _swap(self) -> None:
+        for update in self._incoming() if self._incoming is not None else ():
+            if not isinstance(update, AdapterUpdate) or update.name != "executor":
+                continue
+            if update.version > self.engine.adapter_versions.get(update.name, -1):
+                self.engine.update_weights(update)
+                self._early[update.name] = update.version
+                self.swaps_in_call += 1
 
     def _adapter(self, role: str) -> str | None:
         """The role's adapter once the learner has published one; the base model before that."""
@@ -64,6 +86,11 @@ class RolloutWorker:
                                         iteration=iteration, out_dir=out_dir)
 
     def update_weights(self, update: WeightUpdate) -> dict[str, int]:
+        name = getattr(update, "name", None)
+        if name is not None and self._early.get(name) == update.version == self.engine.adapter_versions.get(name):
+            del self._early[name]  # the driver's push of what a call already loaded: nothing to reload
+            return self.engine.adapter_versions
+        self._early.pop(name, None)
         self.engine.update_weights(update)
         return self.engine.adapter_versions
 

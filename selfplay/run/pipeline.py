@@ -92,6 +92,8 @@ def launch(ctx: Context, role: str, updates: int) -> None:
     staleness = [start - born[i] for i in ids if i in born]
     out_dir = ctx.rd.adapters / role / f"v{start + requested:06d}"  # the version it should reach
     export = ctx.actors.learner.export.remote(role, str(out_dir))
+    if ctx.cfg.loop.weight_sync == "between_requests":  # the engine may load it inside a rollout call
+        ray.get(ctx.actors.rollout.expect.remote([export]))
     ctx.inflight[role] = InFlight(futures, export, staleness, requested)
 
 
@@ -184,6 +186,8 @@ def run_async_iteration(ctx: Context, iteration: int) -> IterationResult:
     s["time/tools"] = sum(c.duration_s for g in rollouts.values() for r in g for c in r.tool_calls) + sum(
         c.duration_s for r in practice_rollouts for c in r.tool_calls)
     a = ctx.actors
+    if cfg.loop.weight_sync == "between_requests":
+        s["rollout/swaps_in_call"] = float(ray.get(a.rollout.swaps.remote()))
     s["time/overlap"] = overlap_seconds(*ray.get([a.rollout.busy_spans.remote(), a.learner.busy_spans.remote()]))
     close_timeline(ctx, s, t0)
     for k in ("time/orchestration", "time/orchestration_share"):  # wall time minus busy time: not with overlap

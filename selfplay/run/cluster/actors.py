@@ -280,11 +280,12 @@ def _local_adapter(update: Any) -> Any:
     root.mkdir(parents=True, exist_ok=True)
     for name, data in update.files.items():
         (root / name).write_bytes(data)
-    for old in root.parent.glob(f"{update.name}-v*"):  # keep this version and the one before it
-        if old.name < f"{update.name}-v{update.version - 1:06d}":
-            import shutil
+    # keep this version and the one before it (versions may step by more than one; requests still in flight
+    # on the previous one may need its files: loop.weight_sync=between_requests)
+    for old in sorted(p for p in root.parent.glob(f"{update.name}-v*") if p.name < root.name)[:-1]:
+        import shutil
 
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return AdapterUpdate(update.name, str(root), update.version)
 
 
@@ -302,7 +303,26 @@ class RolloutActor(_Busy):
         adapters = [AdapterUpdate(role, info["path"], info["version"])
                     for role, info in published_adapters(rd.adapters).items()]
         self.worker = RolloutWorker(cfg, run_many, initial_adapters=adapters, threads=_threads(cfg))
+        self._exports: list = []  # learner exports in flight (ObjectRefs), taken inside calls when they finish
+        if cfg.loop.weight_sync == "between_requests":
+            self.worker.take_updates_between_requests(self._finished_exports)
         _started(rd, name)
+
+    def expect(self, refs: list) -> None:
+        """The driver hands over the learner's export ObjectRefs (in a list: Ray would wait for bare ones) at
+        launch; the engine loads each inside a rollout call once it is ready. The driver still pushes it later
+        (update_weights), which keeps its bookkeeping where it was; the worker skips the reload then."""
+        self._exports.extend(refs)
+
+    def swaps(self) -> int:
+        n, self.worker.swaps_in_call = self.worker.swaps_in_call, 0
+        return n
+
+    def _finished_exports(self) -> list:
+        if not self._exports:
+            return []
+        ready, self._exports = ray.wait(self._exports, num_returns=len(self._exports), timeout=0)
+        return [_local_adapter(u) for u in ray.get(ready)]
 
     @busy
     def propose(self, count: int, pool_questions: list[str], seed: int) -> list:

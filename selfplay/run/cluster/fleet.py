@@ -59,7 +59,7 @@ class RolloutFleet:
         self._revive: dict[int, Any] = {}  # replica -> pending ping of a restarting actor
         self.counters = {"resent_requests": 0.0, "stale_repairs": 0.0, "replica_restarts": 0.0}
         for name in ("propose", "solve", "update_weights", "evaluate", "busy_seconds", "busy_spans", "pid",
-                     "versions"):
+                     "versions", "expect", "swaps"):
             setattr(self, name, _Method(getattr(self, f"_{name}")))
 
     def __len__(self) -> int:
@@ -199,6 +199,19 @@ class RolloutFleet:
         return first or {}
 
     # ------------------------------------------------------------------------------------- the rest
+    def _expect(self, refs: list) -> None:
+        """Hand the learner's export refs to every live replica (loop.weight_sync=between_requests): each
+        loads a finished one inside its rollout calls; a replica lost here gets the driver's push when back."""
+        for r, fut in [(r, self.handles[r].expect.remote(refs)) for r in self.router.live]:
+            try:
+                ray.get(fut)
+            except _DEAD as e:
+                self._lost(r, e)
+
+    def _swaps(self) -> int:
+        """Adapters the replicas loaded inside rollout calls since the last read."""
+        return int(sum(ray.get([self.handles[r].swaps.remote() for r in self.router.live])))
+
     def _evaluate(self, iteration: int, out_dir: str) -> dict[str, float]:
         if len(self.handles) > 1:
             self._ready()
