@@ -222,6 +222,8 @@ class RayConfig(Section):
     colocate: bool = True  # all roles share one placement bundle (debug); False: split
     gpus: dict[str, float] = Field(default_factory=dict)  # e.g. {"learner": 1, "rollout": 1}
     max_actor_restarts: int = Field(3, ge=0)
+    # learner.world_size > 1: restarts of the whole group after a rank died (0: a dead rank stops the run)
+    max_learner_restarts: int = Field(3, ge=0)
     max_task_retries: int = Field(3, ge=0)
 
 

@@ -4,7 +4,8 @@ Commit protocol (why a SIGKILL loses at most the iteration in flight, and a resu
 an iteration's checkpoint is written by the learner, then `state.json` records {iteration, checkpoint} with
 an atomic rename: that rename is the commit. Pool, replay buffer and metrics are appended during the
 iteration; on resume everything they hold from iterations after the committed one is dropped, the learner
-reloads the committed checkpoint, and its adapters are republished to the rollout engine.
+reloads the committed checkpoint, and its adapters are republished to the rollout engine (the rollback is
+selfplay/run/recovery.py's `rollback`; a dead learner rank takes the same way back without leaving the run).
 SIGINT/SIGTERM (also `selfplay stop` / `ray job stop`) set a flag; the loop stops at the next safe point
 between steps, leaving the last committed iteration as the resume point.
 """
@@ -24,7 +25,8 @@ from selfplay.run.cluster.actors import Actors, restart_counts
 from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay, progress_display
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.pipeline import run_async_iteration
-from selfplay.run.rundir import RunDir, rollback_published
+from selfplay.run.recovery import LearnerRestartsExhausted, describe, dead_ranks, rollback
+from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
 
@@ -118,15 +120,13 @@ class Driver:
         replay = ReplayBuffer(rd.replay, cfg.replay)
         exporters = make_exporters(cfg.metrics, rd.root, resume_from=done if self.resume else None,
                                    run_name=cfg.name, run_config=cfg.model_dump(mode="json"), console=console)
-        store = MetricsStore(rd.metrics, exporters=exporters)
+        store = self._store = MetricsStore(rd.metrics, exporters=exporters)
         if self.resume:
-            dropped = pool.truncate_after(done)
-            replay_dropped = self._rollback_replay(replay, state, done)
-            rollback_published(rd.adapters, state.get("versions") or {})  # before the rollout worker loads them
-            metrics_dropped = store.truncate_after(done)
-            rd.event("resume", iteration=done, pool_dropped=dropped, replay=replay_dropped, metrics=metrics_dropped)
-            console.print(f"resuming after iteration {done} (dropped {dropped} pool tasks of later iterations)")
-            log.info("resume: replay %s, metrics %s", replay_dropped, metrics_dropped)
+            dropped = rollback(rd, pool, replay, store)
+            rd.event("resume", **dropped)
+            console.print(f"resuming after iteration {done} (dropped {dropped['pool_dropped']} pool tasks of "
+                          "later iterations)")
+            log.info("resume: replay %s, metrics %s", dropped["replay"], dropped["metrics"])
 
         progress = progress_display(console.rich)
         started_ray = False
@@ -168,6 +168,7 @@ class Driver:
             if self.resume:
                 self._republish(ctx)
             current = {"it": done + 1}
+            group_restarts = 0
 
             def on_stage(stage: str) -> None:
                 relay.poll()
@@ -176,11 +177,24 @@ class Driver:
 
             ctx.on_stage = on_stage
             t_loop = time.monotonic()
-            for it in range(done + 1, cfg.loop.iterations + 1):
+            it = done
+            while it < cfg.loop.iterations:
+                it += 1
                 current["it"] = it
                 if self._stop:
                     raise StopRequested()
-                result = iterate(ctx, it)
+                try:
+                    result = iterate(ctx, it)
+                except Exception as e:  # a dead learner rank: restart the group from the last commit
+                    dead = dead_ranks(actors.learner, rd, e)
+                    if not dead:
+                        raise
+                    group_restarts += 1
+                    actors = None  # stopped by restart_group (the `finally` below must not stop them twice)
+                    actors, ctx = self._restart_group(ctx, dead, it, group_restarts)
+                    ctx.on_stage = on_stage
+                    it = int(rd.state().get("iteration", 0))
+                    continue
                 if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
                     with stage(ctx, it, "evaluate", safe_point=False):
                         result.scalars.update(self._evaluate(ctx, it))
@@ -191,6 +205,7 @@ class Driver:
                 last = it == cfg.loop.iterations or (budget is not None and time.monotonic() - t_loop >= budget)
                 restarts = restart_counts(rd)
                 result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
+                result.scalars["faults/learner_restarts"] = float(group_restarts)
                 # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere
                 # in here leaves iteration `it` uncommitted, and a resume drops what it had written
                 with stage(ctx, it, "log_metrics", safe_point=False):
@@ -212,7 +227,7 @@ class Driver:
             _stop(progress)
             console.warn(f"stopped at a safe point after iteration {rd.state().get('iteration', 0)}; "
                          f"resume with: selfplay resume {rd.root}")
-        except (SandboxUnhealthy, SandboxSelfTestFailed, ReferenceTasksError) as e:  # the run's verdict, not a bug: one line
+        except (SandboxUnhealthy, SandboxSelfTestFailed, ReferenceTasksError, LearnerRestartsExhausted) as e:  # the run's verdict, not a bug: one line
             status, code = "failed", 1
             _stop(progress)
             console.error(str(e))
@@ -265,14 +280,30 @@ class Driver:
                  known.source, len(known.train), len(known.probes), known.excluded)
         return known
 
-    def _rollback_replay(self, replay, state: dict, done: int) -> dict:
-        """Drop what iterations after the committed one wrote: their trajectories and their consumption."""
-        versions = state.get("versions") or {"proposer": 0, "executor": 0}
-        out = {}
-        for role, v in versions.items():
-            out[role] = replay.truncate_after(int(v), role=role)
-        out["iterations"] = replay.drop_where(lambda t: int(t.meta.get("iteration", 0)) > done)
-        return out
+    def _restart_group(self, ctx: Context, dead: list[dict], it: int, n: int) -> tuple[Actors, Context]:
+        """Stop every actor, roll back to the last commit as a resume does, start them all again (every rank
+        loads the committed checkpoint) and republish the committed adapters (selfplay/run/recovery.py)."""
+        rd, cfg = self.rd, self.cfg
+        committed = int(rd.state().get("iteration", 0))
+        ctx.actors.stop()
+        limit = cfg.ray.max_learner_restarts
+        if n > limit:
+            rd.event("learner_restarts_exhausted", iteration=it, limit=limit, ranks=[d["rank"] for d in dead])
+            raise LearnerRestartsExhausted(
+                f"learner rank {', '.join(str(d['rank']) for d in dead)} died in iteration {it} after "
+                f"{limit} learner group restart(s) (ray.max_learner_restarts={limit}); "
+                f"resume with: selfplay resume {rd.root}")
+        rd.event("learner_restart", iteration=it, committed=committed, restart=n,
+                 ranks=[d["rank"] for d in dead], pids=[d["pid"] for d in dead], nodes=[d["node"] for d in dead])
+        log.warning(describe(dead, it, committed))
+        dropped = rollback(rd, ctx.pool, ctx.replay, self._store)
+        log.info("learner restart rollback: %s", dropped)
+        actors = Actors.start(cfg, rd)
+        versions = ray.get(actors.learner.versions.remote())
+        ctx = Context(cfg, rd, actors, ctx.pool, ctx.replay, versions, stop_requested=lambda: self._stop,
+                      known=ctx.known)
+        self._republish(ctx)
+        return actors, ctx
 
     def _republish(self, ctx: Context) -> None:
         """After a resume the engine may hold adapters from the lost iteration: push the committed ones."""

@@ -414,7 +414,10 @@ class Actors:
             from selfplay.run.cluster.ranks import LearnerGroup
 
             names = [actor_name("learner", i, n) for i in range(n)]
-            learner = LearnerGroup.form([remote(LearnerActor, nm).remote(cfg, rd, nm) for nm in names],
+            # a restarted rank cannot rejoin the process group: the driver restarts the group instead
+            # (selfplay/run/recovery.py), so Ray neither restarts a rank nor retries its call
+            once = dict(max_restarts=0, max_task_retries=0)
+            learner = LearnerGroup.form([remote(LearnerActor, nm, **once).remote(cfg, rd, nm) for nm in names],
                                         cfg.learner.ppo_epochs, cfg.learner.strategy == "fsdp2")
         m = cfg.engine.replicas
         # several replicas: a call on a dead one fails at once and the fleet re-sends it to the others
@@ -462,11 +465,12 @@ class Actors:
 
 def restart_counts(rd: RunDir) -> dict[str, int]:
     """Starts beyond the first, per actor name, over this run's whole history (resumes start actors anew
-    and are not counted: the driver records a `driver_start` event that resets the baseline)."""
+    and are not counted: the driver records a `driver_start` event that resets the baseline; nor the fresh
+    actors of a learner-group restart, after its `learner_restart` event: that restart is counted apart)."""
     counts: dict[str, int] = {}
     seen: dict[str, int] = {}
     for e in rd.read_events():
-        if e.get("event") == "driver_start":
+        if e.get("event") in ("driver_start", "learner_restart"):
             seen = {}
         elif e.get("event") == "actor_start":
             name = e["actor"]
