@@ -29,7 +29,8 @@ RANKS = ["learner.world_size=2", "learner.strategy=fsdp2", "loop.iterations=2", 
          "proposer.candidates_per_iteration=2", "proposer.group_size=2", "proposer.max_tokens=64",
          "executor.samples_per_task=2", "executor.group_size=2", "executor.tasks_per_iteration=1",
          "executor.max_turns=1", "executor.max_tokens_per_turn=64", "eval.every=0", "verifier.probes=0",
-         "verifier.band_low=0.0", "verifier.band_high=1.0", "learner.micro_batch_tokens=512"]
+         "verifier.band_low=0.0", "verifier.band_high=1.0", "learner.micro_batch_tokens=512",
+         "learner.gradient_checkpointing=off"]  # tiny batches: checkpointing would only cost time
 
 
 def _state(pid: int) -> str:
