@@ -46,23 +46,24 @@ def _run_killing_rank_1(rd: RunDir, log: Path, *extra: str, at: int = 2) -> tupl
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "selfplay", "run", DEBUG, f"run_dir={rd.root}", *RANKS,
                                  *extra], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    killed, deadline = None, time.monotonic() + 900
+    killed, seen, deadline = None, 0, time.monotonic() + 900
     try:
         while proc.poll() is None:
             assert time.monotonic() < deadline, "the run did not end"
-            if _state(proc.pid) != "T":
-                time.sleep(0.01)
-                continue
-            stages = [e for e in rd.read_events() if e.get("event") == "stage"]
-            if killed is None and (stages[-1]["stage"], stages[-1]["phase"]) == ("learn_proposer", "start"):
-                starts = [e for e in rd.read_events() if e.get("event") == "actor_start" and e["actor"] == "learner-1"]
-                killed = starts[-1]["pid"]
-                os.kill(killed, signal.SIGKILL)
-                while Path(f"/proc/{killed}").exists() and _state(killed) != "Z":
-                    time.sleep(0.01)
-            os.kill(proc.pid, signal.SIGCONT)
-            while _state(proc.pid) == "T":
-                time.sleep(0.005)
+            if _state(proc.pid) == "T":  # paused at a stage event (or not yet woken by the last SIGCONT)
+                stages = [e for e in rd.read_events() if e.get("event") == "stage"]
+                if len(stages) > seen:  # a new pause
+                    seen = len(stages)
+                    if killed is None and (stages[-1]["stage"], stages[-1]["phase"]) == ("learn_proposer", "start"):
+                        starts = [e for e in rd.read_events()
+                                  if e.get("event") == "actor_start" and e["actor"] == "learner-1"]
+                        killed = starts[-1]["pid"]
+                        os.kill(killed, signal.SIGKILL)
+                        while Path(f"/proc/{killed}").exists() and _state(killed) not in ("Z", ""):
+                            assert time.monotonic() < deadline, "rank 1 did not die"
+                            time.sleep(0.01)
+                os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.005)
     finally:
         if proc.poll() is None:
             proc.kill()
