@@ -92,7 +92,7 @@ def launch(ctx: Context, role: str, updates: int) -> None:
     staleness = [start - born[i] for i in ids if i in born]
     out_dir = ctx.rd.adapters / role / f"v{start + requested:06d}"  # the version it should reach
     export = ctx.actors.learner.export.remote(role, str(out_dir))
-    if ctx.cfg.loop.weight_sync == "between_requests":  # the engine may load it inside a rollout call
+    if role == "executor" and ctx.cfg.loop.weight_sync == "between_requests":  # loaded inside a rollout call
         ray.get(ctx.actors.rollout.expect.remote([export]))
     ctx.inflight[role] = InFlight(futures, export, staleness, requested)
 

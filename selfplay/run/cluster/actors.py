@@ -10,6 +10,7 @@ rollout worker reloads the last published adapters.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import time
@@ -24,6 +25,7 @@ from selfplay.run.console import redirect_output, relay_warnings_from
 from selfplay.run.cluster.placement import actor_name
 from selfplay.run.rundir import RunDir
 
+log = logging.getLogger(__name__)
 ACTOR_NAMES = ("sandbox", "verifier", "learner", "rollout")
 
 
@@ -322,7 +324,13 @@ class RolloutActor(_Busy):
         if not self._exports:
             return []
         ready, self._exports = ray.wait(self._exports, num_returns=len(self._exports), timeout=0)
-        return [_local_adapter(u) for u in ray.get(ready)]
+        out = []
+        for ref in ready:
+            try:
+                out.append(_local_adapter(ray.get(ref)))
+            except Exception as e:  # a failed export is the driver's to report (its publish raises it), not ours
+                log.warning("learner export failed; the rollout keeps its adapter: %s", e)
+        return out
 
     @busy
     def propose(self, count: int, pool_questions: list[str], seed: int) -> list:
