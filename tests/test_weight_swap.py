@@ -8,6 +8,7 @@ import gc
 
 import pytest
 
+from adapters import random_lora
 from selfplay.config import load_config
 from selfplay.types import AdapterUpdate
 
@@ -21,24 +22,6 @@ def test_between_requests_is_a_validated_choice_of_the_async_pipeline():
                            "learner.finetune=full"])
     with pytest.raises(ValueError, match="weight_sync"):
         load_config(None, ["loop.weight_sync=sometimes"])
-
-
-def _lora(path, seed: int) -> str:
-    """A peft LoRA adapter of the embedded model with random non-zero B (so versions sample differently)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from selfplay.models import load_causal_lm, resolve_model_path
-
-    model = load_causal_lm(resolve_model_path("embedded"), "float32", "cpu")
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    peft_model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.slow
@@ -55,7 +38,7 @@ def test_an_update_arriving_mid_call_serves_later_requests_and_stamps_stay_conse
         "model.max_model_len=1024", "loop.pipeline=async", "replay.max_staleness=1",
         "loop.weight_sync=between_requests", "executor.max_turns=2", "executor.max_tokens_per_turn=48",
         "executor.temperature=0.8"])
-    v1, v2 = _lora(tmp_path / "v1", 1), _lora(tmp_path / "v2", 2)
+    v1, v2 = random_lora(tmp_path / "v1", 1, std=0.02), random_lora(tmp_path / "v2", 2, std=0.02)
     with SandboxPool(Limits(timeout_s=2, cpu_time_s=2), workers=2) as pool:
         worker = RolloutWorker(cfg, pool, initial_adapters=[AdapterUpdate("executor", v1, 1)])
         engine = worker.engine
