@@ -354,6 +354,11 @@ class RunConfig(Section):
         if self.loop.weight_sync == "between_requests" and self.learner.finetune != "lora":
             raise ValueError("loop.weight_sync=between_requests needs learner.finetune=lora: full weights are "
                              "reloaded in place, under the requests still in flight")
+        if self.loop.weight_sync == "between_requests" and (self.engine.backend != "vllm"
+                                                            or self.executor.schedule == "rounds"):
+            raise ValueError("loop.weight_sync=between_requests loads updates inside per-conversation rollout calls, "
+                             "which need engine.backend=vllm and executor.schedule auto or conversations (it is "
+                             f"engine.backend={self.engine.backend}, executor.schedule={self.executor.schedule})")
         return self
 
 

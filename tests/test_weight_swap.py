@@ -22,6 +22,11 @@ def test_between_requests_is_a_validated_choice_of_the_async_pipeline():
                            "learner.finetune=full"])
     with pytest.raises(ValueError, match="weight_sync"):
         load_config(None, ["loop.weight_sync=sometimes"])
+    swap = ["loop.weight_sync=between_requests", "loop.pipeline=async", "replay.max_staleness=1"]
+    for other in (["engine.backend=hf"], ["engine.backend=vllm", "executor.schedule=rounds"]):
+        with pytest.raises(ValueError, match="need engine.backend=vllm and executor.schedule auto or conversations"):
+            load_config(None, swap + other)  # the round-based schedule never takes an update inside a call
+    assert load_config(None, swap + ["engine.backend=vllm"]).loop.weight_sync == "between_requests"
 
 
 @pytest.mark.slow

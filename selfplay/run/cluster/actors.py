@@ -313,8 +313,10 @@ class RolloutActor(_Busy):
     def expect(self, refs: list) -> None:
         """The driver hands over the learner's export ObjectRefs (in a list: Ray would wait for bare ones) at
         launch; the engine loads each inside a rollout call once it is ready. The driver still pushes it later
-        (update_weights), which keeps its bookkeeping where it was; the worker skips the reload then."""
-        self._exports.extend(refs)
+        (update_weights), which keeps its bookkeeping where it was; the worker skips the reload then. The refs
+        replace those of the last launch: by now the driver has pushed that update, and a kept ref would pin the
+        old adapter's bytes in the object store."""
+        self._exports = list(refs)
 
     def swaps(self) -> int:
         n, self.worker.swaps_in_call = self.worker.swaps_in_call, 0
