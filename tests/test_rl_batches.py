@@ -221,12 +221,22 @@ def test_freed_activations_go_back_to_the_os():
     import sys
     from pathlib import Path
 
+    import os
+
+    # A fresh process with glibc's malloc as the learner gets it, not this pytest process's environment, which
+    # earlier tests and the libraries they load change (vLLM's CPU platform adds to LD_PRELOAD; an allocator
+    # preload or a MALLOC_*/GLIBC_TUNABLES setting would disable the dynamic threshold this test shows). Passed
+    # alone, failed once inside the full suite with 16 MB retained by default (2026-12-03; cause not pinned down).
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+
     def retained(mode: str) -> float:
         out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=Path(__file__).resolve().parents[1], env=env)
         return float(out.stdout.strip())
 
-    assert retained("default") > 100  # the mechanism, shown without the pin
+    inherited = {k: v for k, v in os.environ.items() if k in ("LD_PRELOAD", "GLIBC_TUNABLES") or "MALLOC" in k}
+    default = retained("default")
+    assert default > 100, (default, inherited)  # the mechanism, shown without the pin
     assert retained("pin") < 20
 
 
