@@ -16,6 +16,7 @@ import os
 import signal
 import time
 import traceback
+from typing import Callable
 
 import ray
 from rich.progress import Progress
@@ -25,7 +26,7 @@ from selfplay.run.cluster.actors import Actors, restart_counts
 from selfplay.run.console import ConsoleLogHandler, RunConsole, WarningRelay, progress_display
 from selfplay.run.loop import Context, SandboxUnhealthy, StopRequested, run_iteration, stage
 from selfplay.run.pipeline import run_async_iteration
-from selfplay.run.recovery import LearnerRestartsExhausted, describe, dead_ranks, rollback
+from selfplay.run.recovery import LearnerRestartsExhausted, dead_ranks, describe, rollback, wait_gone
 from selfplay.run.rundir import RunDir
 
 log = logging.getLogger("selfplay")
@@ -183,8 +184,8 @@ class Driver:
                 current["it"] = it
                 if self._stop:
                     raise StopRequested()
-                try:
-                    result = iterate(ctx, it)
+                try:  # through the commit: a rank that dies while saving its checkpoint restarts the group too
+                    last = self._iteration(ctx, iterate, it, t_loop, group_restarts)
                 except Exception as e:  # a dead learner rank: restart the group from the last commit
                     dead = dead_ranks(actors.learner, rd, e)
                     if not dead:
@@ -195,29 +196,9 @@ class Driver:
                     ctx.on_stage = on_stage
                     it = int(rd.state().get("iteration", 0))
                     continue
-                if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
-                    with stage(ctx, it, "evaluate", safe_point=False):
-                        result.scalars.update(self._evaluate(ctx, it))
-                    # evaluation is a stage of the iteration's wall time too
-                    result.scalars["time/stage/eval"] = result.scalars.get("time/eval", 0.0)
-                    result.scalars["time/total"] += result.scalars["time/stage/eval"]
-                budget = cfg.loop.time_budget_s
-                last = it == cfg.loop.iterations or (budget is not None and time.monotonic() - t_loop >= budget)
-                restarts = restart_counts(rd)
-                result.scalars["faults/actor_restarts"] = float(sum(restarts.values()))
-                result.scalars["faults/learner_restarts"] = float(group_restarts)
-                # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere
-                # in here leaves iteration `it` uncommitted, and a resume drops what it had written
-                with stage(ctx, it, "log_metrics", safe_point=False):
-                    store.log_tasks(it, result.tasks)
-                    store.log_trajectories(it, result.trajectories)
-                    store.log_scalars(it, result.scalars)
-                with stage(ctx, it, "commit", safe_point=False):
-                    if it % cfg.loop.checkpoint_every == 0 or last:
-                        ckpt = ray.get(actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
-                        rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
                 progress.update(bar, completed=it, stage="")
                 if last and it < cfg.loop.iterations:
+                    budget = cfg.loop.time_budget_s
                     rd.event("time_budget_reached", iteration=it, budget_s=budget)
                     console.print(f"loop.time_budget_s={budget:g} reached after iteration {it}")
                     break
@@ -250,6 +231,33 @@ class Driver:
             if not crashed:
                 self._epilogue(console, status)
         return code
+
+    def _iteration(self, ctx: Context, iterate: Callable, it: int, t_loop: float, group_restarts: int) -> bool:
+        """Iteration `it`'s stages, evaluation, metrics and commit (the commit protocol above); whether it is the
+        run's last (loop.iterations, or loop.time_budget_s spent since `t_loop`)."""
+        cfg, rd, store = self.cfg, self.rd, self._store
+        result = iterate(ctx, it)
+        if cfg.eval.benchmark and cfg.eval.every and it % cfg.eval.every == 0:
+            with stage(ctx, it, "evaluate", safe_point=False):
+                result.scalars.update(self._evaluate(ctx, it))
+            # evaluation is a stage of the iteration's wall time too
+            result.scalars["time/stage/eval"] = result.scalars.get("time/eval", 0.0)
+            result.scalars["time/total"] += result.scalars["time/stage/eval"]
+        budget = cfg.loop.time_budget_s
+        last = it == cfg.loop.iterations or (budget is not None and time.monotonic() - t_loop >= budget)
+        result.scalars["faults/actor_restarts"] = float(sum(restart_counts(rd).values()))
+        result.scalars["faults/learner_restarts"] = float(group_restarts)
+        # metrics, then the checkpoint, then state.json's atomic rename (the commit): a kill anywhere in here
+        # leaves iteration `it` uncommitted, and a resume (or a learner-group restart) drops what it had written
+        with stage(ctx, it, "log_metrics", safe_point=False):
+            store.log_tasks(it, result.tasks)
+            store.log_trajectories(it, result.trajectories)
+            store.log_scalars(it, result.scalars)
+        with stage(ctx, it, "commit", safe_point=False):
+            if it % cfg.loop.checkpoint_every == 0 or last:
+                ckpt = ray.get(ctx.actors.learner.save_checkpoint.remote(str(rd.checkpoints)))
+                rd.write_state(iteration=it, checkpoint=ckpt, versions=dict(ctx.versions))  # the commit
+        return last
 
     def _epilogue(self, console: RunConsole, status: str) -> None:
         """Where the results are and what to run next."""
@@ -285,16 +293,22 @@ class Driver:
         loads the committed checkpoint) and republish the committed adapters (selfplay/run/recovery.py)."""
         rd, cfg = self.rd, self.cfg
         committed = int(rd.state().get("iteration", 0))
+        old = ctx.actors.handles()
         ctx.actors.stop()
         limit = cfg.ray.max_learner_restarts
         if n > limit:
-            rd.event("learner_restarts_exhausted", iteration=it, limit=limit, ranks=[d["rank"] for d in dead])
+            rd.event("learner_restarts_exhausted", iteration=it, limit=limit, ranks=[d["rank"] for d in dead],
+                     why=[d.get("why") for d in dead])
             raise LearnerRestartsExhausted(
-                f"learner rank {', '.join(str(d['rank']) for d in dead)} died in iteration {it} after "
-                f"{limit} learner group restart(s) (ray.max_learner_restarts={limit}); "
-                f"resume with: selfplay resume {rd.root}")
+                f"learner rank {', '.join(str(d['rank']) for d in dead)} died in iteration {it} "
+                f"({'; '.join(str(d.get('why')) for d in dead)}) after {limit} learner group restart(s) "
+                f"(ray.max_learner_restarts={limit}); resume with: selfplay resume {rd.root}")
+        left = wait_gone(old, rd)  # the old ranks' memory and ports free before the new ones start
+        if left:
+            log.warning("learner restart: processes %s of the stopped actors still run after 60 s", left)
         rd.event("learner_restart", iteration=it, committed=committed, restart=n,
-                 ranks=[d["rank"] for d in dead], pids=[d["pid"] for d in dead], nodes=[d["node"] for d in dead])
+                 ranks=[d["rank"] for d in dead], pids=[d["pid"] for d in dead], nodes=[d["node"] for d in dead],
+                 why=[d.get("why") for d in dead])
         log.warning(describe(dead, it, committed))
         dropped = rollback(rd, ctx.pool, ctx.replay, self._store)
         log.info("learner restart rollback: %s", dropped)

@@ -458,6 +458,10 @@ class Actors:
         check_run_dir(every, rd)
         return actors
 
+    def handles(self) -> list[Any]:
+        """Every actor handle: learner ranks, rollout replicas, verifier, sandbox."""
+        return [*getattr(self.learner, "ranks", [self.learner]), *self.rollout.handles, self.verifier, self.sandbox]
+
     def stop(self) -> None:
         self.rollout.kill()
         if hasattr(self.learner, "kill"):
