@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import pytest
 
-from test_ranks import batch, tiny_model  # noqa: F401  (the fixture)
+from test_ranks import ENTROPY, batch, tiny_model  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
 
-def _config(model: str, finetune: str, run_dir: str):
+def _config(model: str, finetune: str, run_dir: str, entropy: str = "none"):
     from selfplay.config import load_config
 
     return load_config(None, [f"model.name_or_path={model}", "model.dtype=float32", "learner.lr=1e-2",
                               "learner.kl_coef=0.05", "learner.micro_batch_tokens=64", "learner.lora.r=4",
                               "learner.lora.alpha=8", "learner.adpo=false", "learner.max_grad_norm=0.5",
-                              f"learner.finetune={finetune}", f"run_dir={run_dir}"])
+                              f"learner.finetune={finetune}", f"run_dir={run_dir}", *ENTROPY[entropy]])
 
 
 def _steps(groups: int):
@@ -34,15 +34,17 @@ def _weights(learner) -> dict:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items() if keep(k)}
 
 
-def _rank_main(rank: int, world_size: int, port: int, model: str, finetune: str, groups: int, tmp: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, model: str, finetune: str, groups: int, tmp: str,
+               entropy: str) -> None:
     """Two steps, a checkpoint, then a fresh sharded learner resumes from it and takes the third step."""
     import torch
 
+    from selfplay.learner.batches import summarise_steps
     from selfplay.learner.distributed import init_group, shard_groups
     from selfplay.learner.learner import Learner
 
     torch.set_num_threads(1)
-    cfg = _config(model, finetune, f"{tmp}/run")
+    cfg = _config(model, finetune, f"{tmp}/run", entropy)
     steps = _steps(groups)
     sync = init_group(rank, world_size, "127.0.0.1", port, backend="gloo", sharded=True)
 
@@ -54,7 +56,8 @@ def _rank_main(rank: int, world_size: int, port: int, model: str, finetune: str,
 
     def train(learner: Learner, b: list) -> dict:
         mine = [b[i] for i in shard_groups(b, world_size)[rank]]
-        return learner.train_batch("executor", mine, parts=[list(range(len(mine)))])[0]
+        return summarise_steps(learner.train_batch("executor", mine, parts=[list(range(len(mine)))]),
+                               cfg.learner.ppo_epochs)
 
     learner = sharded_learner()
     metrics = [train(learner, b) for b in steps[:2]]
@@ -71,8 +74,11 @@ def _rank_main(rank: int, world_size: int, port: int, model: str, finetune: str,
                     "version": resumed.policy_version}, f"{tmp}/rank0.pt")
 
 
-@pytest.mark.parametrize("finetune,groups", [("lora", 5), ("lora", 1), ("full", 3)])
-def test_fsdp2_ranks_make_the_single_process_update_and_resume(tiny_model, tmp_path, finetune, groups):  # noqa: F811
+# with entropy control, its whole-step token choice (learner/entropy.py) spans the shards; rank 1 idles in one
+@pytest.mark.parametrize("finetune,groups,entropy", [("lora", 5, "none"), ("lora", 1, "none"), ("full", 3, "none"),
+                                                     ("lora", 1, "clip_cov"), ("lora", 5, "kl_cov")])
+def test_fsdp2_ranks_make_the_single_process_update_and_resume(tiny_model, tmp_path, finetune, groups,  # noqa: F811
+                                                               entropy):
     import torch
     import torch.multiprocessing as mp
 
@@ -80,7 +86,7 @@ def test_fsdp2_ranks_make_the_single_process_update_and_resume(tiny_model, tmp_p
     from selfplay.learner.learner import Learner
 
     torch.set_num_threads(1)
-    cfg = _config(tiny_model, finetune, str(tmp_path / "run"))
+    cfg = _config(tiny_model, finetune, str(tmp_path / "run"), entropy)
     single = Learner(cfg.model, cfg.learner, seed=cfg.seed, device="cpu")
     steps = _steps(groups)
     want_metrics = [single.train_step("executor", b) for b in steps[:2]]
@@ -88,7 +94,7 @@ def test_fsdp2_ranks_make_the_single_process_update_and_resume(tiny_model, tmp_p
     want_metrics.append(single.train_step("executor", steps[2]))
     want_after = _weights(single)
 
-    mp.spawn(_rank_main, args=(2, free_port(), tiny_model, finetune, groups, str(tmp_path)), nprocs=2)
+    mp.spawn(_rank_main, args=(2, free_port(), tiny_model, finetune, groups, str(tmp_path), entropy), nprocs=2)
     got = torch.load(tmp_path / "rank0.pt", weights_only=False)
     for m, w in zip(got["metrics"], want_metrics):  # rank 0's share; the totals are global
         assert m == {} or m["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5)

@@ -1,4 +1,4 @@
-"""Atomic checkpoint directories, a `latest` pointer, and RNG state capture.
+"""Atomic checkpoint directories, a `latest` pointer, RNG state capture, and a `Learner`'s checkpoint.
 
 A crash mid-write must never leave a directory that looks complete: every checkpoint (and every exported
 adapter) is written into a temporary sibling and renamed into place, and the `latest` pointer file is
@@ -7,6 +7,7 @@ new one, never half of one.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -110,3 +111,77 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- a learner's checkpoint
+def save_learner(learner: Any, root: str | os.PathLike) -> Path:
+    """A `Learner`'s whole state: write `root/step-XXXXXXXX/` atomically, then point `root/latest` at it;
+    prune old ones."""
+    root = Path(root)
+    name = f"step-{learner.step:08d}"
+    fsdp = learner.fsdp
+    full = fsdp.full_state() if fsdp is not None else None  # fsdp2: every rank gathers, rank 0 writes
+    optim = {k: {"optimizer": fsdp.full_optimizer_state(o) if fsdp is not None else o.state_dict(),
+                 "scheduler": s.state_dict()} for k, (o, s) in learner._optim.items()}
+    if fsdp is not None and learner.dist.rank != 0:
+        return root / name
+    with atomic_dir(root / name) as tmp:
+        if learner.lora:
+            for role in learner.roles:
+                learner.model.save_pretrained(str(tmp / "adapters"), selected_adapters=[role], state_dict=full)
+        elif full is not None:
+            from selfplay.learner.fsdp import save_full
+
+            save_full(full, tmp / "model.safetensors")
+        else:
+            from safetensors.torch import save_model
+
+            save_model(learner.model, str(tmp / "model.safetensors"))
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        state = {"step": learner.step, "policy_version": learner.policy_version, "roles": list(learner.roles),
+                 "seed": learner.seed, "finetune": learner.cfg.finetune, "sharded": fsdp is not None,
+                 "model": learner.model_cfg.model_dump(mode="json"), "learner": learner.cfg.model_dump(mode="json")}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    write_latest(root, name)
+    prune_checkpoints(root, learner.cfg.keep_checkpoints)
+    return root / name
+
+def load_learner(learner: Any, path: str | os.PathLike) -> Path:
+    """Into a `Learner`: restore weights, optimizers, schedulers, RNG states, step and versions from a checkpoint (or root)."""
+    ck = resolve_checkpoint(path)
+    state = json.loads((ck / "state.json").read_text())
+    if state["finetune"] != learner.cfg.finetune or list(state["roles"]) != list(learner.roles):
+        raise ValueError(f"checkpoint {ck} is finetune={state['finetune']} roles={state['roles']}; this learner "
+                         f"is finetune={learner.cfg.finetune} roles={list(learner.roles)}")
+    if bool(state.get("sharded")) != (learner.fsdp is not None):  # the optimizer files differ (FQN keys)
+        raise ValueError(f"checkpoint {ck} was written by {'fsdp2' if state.get('sharded') else 'unsharded'} "
+                         f"ranks; load it with the same learner.strategy")
+    if learner.fsdp is not None:
+        from selfplay.learner.fsdp import load_weights
+
+        load_weights(learner, ck)
+    elif learner.lora:
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        for role in learner.roles:
+            weights = load_peft_weights(str(ck / "adapters" / role), device=str(learner.device))
+            res = set_peft_model_state_dict(learner.model, weights, adapter_name=role)
+            if res.unexpected_keys:
+                raise ValueError(f"{ck}: adapter {role} has keys this model lacks: {res.unexpected_keys[:3]}")
+    else:
+        from safetensors.torch import load_model
+
+        load_model(learner.model, str(ck / "model.safetensors"), device=str(learner.device))
+    optim = torch.load(ck / "optimizer.pt", map_location=learner.device, weights_only=True)
+    for k, (o, s) in learner._optim.items():
+        if learner.fsdp is not None:
+            learner.fsdp.load_full_optimizer_state(o, optim[k]["optimizer"])
+        else:
+            o.load_state_dict(optim[k]["optimizer"])
+        s.load_state_dict(optim[k]["scheduler"])
+    set_rng_state(torch.load(ck / "rng.pt", map_location="cpu", weights_only=True))
+    learner.step = int(state["step"])
+    learner.policy_version = {r: int(v) for r, v in state["policy_version"].items()}
+    return ck

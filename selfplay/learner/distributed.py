@@ -15,8 +15,8 @@ A rank with no share (fewer groups than ranks) takes `idle_steps`: the same coll
 Everything is identical across ranks after a step, so checkpoints and adapters come from rank 0, and a
 resume loads that one checkpoint on every rank. Strategy `fsdp2` (learner/fsdp.py) uses the same shares and `totals`; FSDP2 reduce-scatters the gradients
 (summed) instead of `all_reduce_grads`, and idle ranks run dummy forwards so the collectives match.
-Clip-Cov/KL-Cov's random token picks are drawn per rank
-(per micro-batch), so with `entropy_control` on, N ranks pick different tokens than one process would.
+With `entropy_control` on, a third pair of collectives (`reduce_sum`, `gather`) lets Clip-Cov/KL-Cov choose
+their tokens over the whole step (learner/entropy.py), so those too make the single-process update.
 """
 from __future__ import annotations
 
@@ -98,6 +98,18 @@ class GradSync:
 
     sharded: bool = False  # fsdp2: gradients are reduce-scattered by FSDP itself (learner/fsdp.py)
 
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over the ranks (entropy control's whole-step means, learner/entropy.py)."""
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def gather(self, obj):
+        """Every rank's `obj`, in rank order (entropy control's candidates)."""
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """Sum of every rank's gradient, in one flat buffer (one collective, not one per tensor)."""
         if self.sharded:
@@ -120,6 +132,8 @@ class GradSync:
             totals = self.totals({"total_tokens": 0.0, "total_seqs": 0.0, "max_len": 0})
             if totals["total_tokens"] == 0:  # no rank has anything: the single process would skip too
                 continue
+            if learner.cfg.entropy_control != "none":  # the others' whole-step token choice
+                learner.cov_picks(role, None)
             opt.zero_grad(set_to_none=True)
             learner._fill(learner._rounds(0), 0, backward=True)  # fsdp2: the others' forwards, on a dummy
             self.all_reduce_grads(params)

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfplay.learner.checkpoint import (atomic_dir, prune_checkpoints, resolve_checkpoint, rng_state, set_rng_state,
-                                 write_latest)
+from selfplay.learner.checkpoint import atomic_dir, load_learner, resolve_checkpoint, save_learner
 from selfplay.config import LearnerConfig, ModelConfig
 from selfplay.learner.batches import (MetricMean, batch_stats, has_behaviour, split_groups, summarise_steps,
                                       temperature_of, truncation, validate)
 from selfplay.learner.checkpointing import enable_layer_checkpointing
 from selfplay.learner.memory import _large_tensors_via_mmap  # noqa: F401 (tests import it from here)
+from selfplay.learner.entropy import StepTokens, priorities, select
 from selfplay.learner.losses import PolicyLossInputs, adpo_eps_high, compute_advantages, policy_loss
 from selfplay.models import default_device, load_causal_lm, resolve_model_path
 from selfplay.learner.scoring import MicroBatch, build_micro_batches, token_logprobs
@@ -313,6 +313,7 @@ class Learner:
                       max_len=cfg.loss_norm_len or max(len(t.completion_ids) for t in trajs))
         if self.dist is not None:  # data-parallel ranks: normalise by the whole batch (learner/distributed.py)
             totals = self.dist.totals(totals)
+        picks = self.cov_picks(role, plan) if cfg.entropy_control != "none" else None
         acc = MetricMean()
         lr = sched.get_last_lr()[0]
         opt.zero_grad(set_to_none=True)
@@ -328,11 +329,8 @@ class Learner:
             inp = PolicyLossInputs(logp=logp, old_logp=mb.old_logp, advantages=mb.advantages, mask=mb.mask,
                                    ref_logp=mb.ref_logp, behaviour_logp=mb.behaviour_logp,
                                    old_logp_sampler=mb.old_logp_sampler, behaviour_rows=mb.behaviour_rows,
-                                   eps_high=mb.eps_high, weights=mb.weights)
-            # Clip-Cov's random picks: reproducible, also across a resume
-            seed = self.seed * 1_000_003 + self.step * 10_007 + self.roles.index(role) * 101 + epoch * 13 + k
-            gen = torch.Generator().manual_seed(seed % 2**62)
-            loss, m = policy_loss(inp, cfg, generator=gen, **totals)
+                                   eps_high=mb.eps_high, weights=mb.weights, cov_pick=picks[k] if picks else None)
+            loss, m = policy_loss(inp, cfg, **totals)
             if self.fsdp is not None and not loss.requires_grad:  # every rank's backward reduce-scatters
                 loss = loss + logp.sum() * 0.0
             if loss.requires_grad:
@@ -363,6 +361,29 @@ class Learner:
                        mini_batch=float(index))
         return metrics
 
+    def cov_picks(self, role: str, plan: "_Plan | None") -> list[Tensor]:
+        """Clip-Cov/KL-Cov's tokens for this optimizer step, chosen over all its micro-batches and ranks
+        (learner/entropy.py) from a no-grad forward; `plan` None: a rank with no share takes part."""
+        cfg, mbs, items = self.cfg, plan.mbs if plan else [], []
+        rounds = self._rounds(len(mbs))
+        with torch.no_grad():
+            for mb in mbs:
+                want_sampler = plan.use_is and mb.old_logp_sampler is None
+                logp, _, sampler = self._token_logps(mb, sampler=want_sampler)
+                if mb.old_logp is None:  # the first mini-batch: the weights before its step, as the loop sets it
+                    mb.old_logp = logp
+                if want_sampler:
+                    mb.old_logp_sampler = sampler
+                ids = [plan.trajs[i].traj_id for i in mb.rows]
+                eps = cfg.eps_high if mb.eps_high is None else mb.eps_high.view(-1, 1)
+                items.append(StepTokens(mb.advantages.view(-1, 1).expand_as(logp), logp, mb.old_logp, mb.mask,
+                                        priorities(f"{self.seed}/{role}/{self.step}", ids, logp.shape[1]), eps))
+        self._fill(rounds, len(mbs))
+        ratio = cfg.kl_cov_ratio if cfg.entropy_control == "kl_cov" else cfg.clip_cov_ratio
+        d = self.dist
+        return select(items, cfg.entropy_control, ratio, eps_low=cfg.eps_low, lb=cfg.clip_cov_lb,
+                      ub=cfg.clip_cov_ub, reduce_sum=d.reduce_sum if d else None, gather=d.gather if d else None)
+
     # ------------------------------------------------------------------------------------ weights out
     def export(self, role: str, out_dir: str | Path | None = None) -> AdapterUpdate | FullWeightsUpdate:
         """The role's current weights for the rollout engines.
@@ -392,74 +413,11 @@ class Learner:
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, root: str | Path) -> Path:
         """Write `root/step-XXXXXXXX/` atomically, then point `root/latest` at it; prune old ones."""
-        root = Path(root)
-        name = f"step-{self.step:08d}"
-        fsdp = self.fsdp
-        full = fsdp.full_state() if fsdp is not None else None  # fsdp2: every rank gathers, rank 0 writes
-        optim = {k: {"optimizer": fsdp.full_optimizer_state(o) if fsdp is not None else o.state_dict(),
-                     "scheduler": s.state_dict()} for k, (o, s) in self._optim.items()}
-        if fsdp is not None and self.dist.rank != 0:
-            return root / name
-        with atomic_dir(root / name) as tmp:
-            if self.lora:
-                for role in self.roles:
-                    self.model.save_pretrained(str(tmp / "adapters"), selected_adapters=[role], state_dict=full)
-            elif full is not None:
-                from selfplay.learner.fsdp import save_full
-
-                save_full(full, tmp / "model.safetensors")
-            else:
-                from safetensors.torch import save_model
-
-                save_model(self.model, str(tmp / "model.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
-            state = {"step": self.step, "policy_version": self.policy_version, "roles": list(self.roles),
-                     "seed": self.seed, "finetune": self.cfg.finetune, "sharded": fsdp is not None,
-                     "model": self.model_cfg.model_dump(mode="json"), "learner": self.cfg.model_dump(mode="json")}
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        write_latest(root, name)
-        prune_checkpoints(root, self.cfg.keep_checkpoints)
-        return root / name
+        return save_learner(self, root)
 
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore weights, optimizers, schedulers, RNG states, step and versions from a checkpoint (or root)."""
-        ck = resolve_checkpoint(path)
-        state = json.loads((ck / "state.json").read_text())
-        if state["finetune"] != self.cfg.finetune or list(state["roles"]) != list(self.roles):
-            raise ValueError(f"checkpoint {ck} is finetune={state['finetune']} roles={state['roles']}; this learner "
-                             f"is finetune={self.cfg.finetune} roles={list(self.roles)}")
-        if bool(state.get("sharded")) != (self.fsdp is not None):  # the optimizer files differ (FQN keys)
-            raise ValueError(f"checkpoint {ck} was written by {'fsdp2' if state.get('sharded') else 'unsharded'} "
-                             f"ranks; load it with the same learner.strategy")
-        if self.fsdp is not None:
-            from selfplay.learner.fsdp import load_weights
-
-            load_weights(self, ck)
-        elif self.lora:
-            from peft import set_peft_model_state_dict
-            from peft.utils import load_peft_weights
-
-            for role in self.roles:
-                weights = load_peft_weights(str(ck / "adapters" / role), device=str(self.device))
-                res = set_peft_model_state_dict(self.model, weights, adapter_name=role)
-                if res.unexpected_keys:
-                    raise ValueError(f"{ck}: adapter {role} has keys this model lacks: {res.unexpected_keys[:3]}")
-        else:
-            from safetensors.torch import load_model
-
-            load_model(self.model, str(ck / "model.safetensors"), device=str(self.device))
-        optim = torch.load(ck / "optimizer.pt", map_location=self.device, weights_only=True)
-        for k, (o, s) in self._optim.items():
-            if self.fsdp is not None:
-                self.fsdp.load_full_optimizer_state(o, optim[k]["optimizer"])
-            else:
-                o.load_state_dict(optim[k]["optimizer"])
-            s.load_state_dict(optim[k]["scheduler"])
-        set_rng_state(torch.load(ck / "rng.pt", map_location="cpu", weights_only=True))
-        self.step = int(state["step"])
-        self.policy_version = {r: int(v) for r, v in state["policy_version"].items()}
-        return ck
+        return load_learner(self, path)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Learner":

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from selfplay.config import LearnerConfig
+from selfplay.learner.entropy import LOG_RATIO_CLAMP, StepTokens, select
 from selfplay.types import Trajectory
 
-# verl core_algos.compute_policy_loss_vanilla clamps the log-ratio to +-20 before exp(), and
+# verl core_algos.compute_policy_loss_vanilla clamps the log-ratio to +-20 before exp() (LOG_RATIO_CLAMP), and
 # kl_penalty_forward("low_var_kl") clamps the log-ratio to +-20 and the k3 value to +-10.
-LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -33,6 +33,9 @@ class PolicyLossInputs:
     behaviour_rows: Tensor | None = None  # [B] 1 where behaviour_logp is real; other rows get no IS weight
     eps_high: Tensor | None = None  # [B] per-sequence upper clip (ADPO); None -> cfg.eps_high
     weights: Tensor | None = None  # [B] per-sequence sample weights (staleness down-weighting)
+    # [B, T] 1 = a token the entropy control picked over the whole optimizer step (learner/entropy.py);
+    # None = this micro-batch is the whole step (picked here, the draw from `generator`)
+    cov_pick: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------- advantages
@@ -156,17 +159,6 @@ def truncated_is_weight(old_logp: Tensor, behaviour_logp: Tensor, cap: float) ->
     return torch.exp(d).clamp(max=cap)
 
 
-def _covariance(adv: Tensor, logp: Tensor, valid: Tensor) -> Tensor:
-    """cov_t = (A_t - mean A)(logp_t - mean logp), means over valid tokens (Cui et al. 2025; verl clip_cov)."""
-    a, lp, v = adv.detach(), logp.detach(), valid.to(adv.dtype)
-    n = v.sum().clamp(min=1.0)
-    return (a - (a * v).sum() / n) * (lp - (lp * v).sum() / n)
-
-
-def _select_count(ratio: float, n_valid: int) -> int:
-    return max(int(ratio * n_valid), 1)  # verl: max(int(ratio * N), 1)
-
-
 # --------------------------------------------------------------------------------------------- the loss
 def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: float | None = None,
                 total_seqs: float | None = None, max_len: int | None = None,
@@ -180,7 +172,8 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
         if A < 0: pg = min(pg, -A c)
     entropy_control="clip_cov": pg_t = 0 for a random max(1, ratio*N) of the unclipped tokens whose cov is
     in (lb, ub); "kl_cov": pg = -A r (no clip), plus kl_cov_coef*|logp - old_logp| on the top max(1, ratio*N)
-    tokens by cov (both verl core_algos). `generator` seeds the Clip-Cov choice.
+    tokens by cov (both verl core_algos; learner/entropy.py): the tokens `inp.cov_pick` marks, else picked
+    in this micro-batch alone, `generator` seeding the Clip-Cov draw.
     With whole-batch totals, micro-batch losses sum to the full-batch loss (gradient accumulation).
     """
     logp, old, mask = inp.logp, inp.old_logp.detach(), inp.mask
@@ -225,13 +218,16 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
         "approx_kl_old": mmean(-log_ratio),  # verl ppo_kl
         "tokens": mf.sum(),
     }
+    pick = inp.cov_pick
+    if pick is None and cfg.entropy_control != "none":  # this micro-batch is the whole step
+        ratio_k = cfg.kl_cov_ratio if cfg.entropy_control == "kl_cov" else cfg.clip_cov_ratio
+        prio = torch.rand(logp.shape, generator=generator, dtype=torch.float64)
+        pick = select([StepTokens(adv, logp, old, mf, prio, eps_high)], cfg.entropy_control, ratio_k,
+                      eps_low=cfg.eps_low, lb=cfg.clip_cov_lb, ub=cfg.clip_cov_ub)[0]
     if cfg.entropy_control == "kl_cov":  # verl compute_policy_loss_kl_cov: unclipped surrogate + |log r| on top-k
-        cov = _covariance(adv, logp, valid).masked_fill(~valid, -torch.inf)
-        k = min(_select_count(cfg.kl_cov_ratio, int(valid.sum())), int(valid.sum()))
-        sel = torch.zeros(logp.numel(), dtype=logp.dtype, device=logp.device)
-        sel[torch.topk(cov.flatten(), k).indices] = 1.0
-        pg = pg_unclipped + cfg.kl_cov_coef * log_ratio.abs() * sel.view_as(logp)
-        metrics["kl_cov_frac"] = k / n_tok
+        sel = pick.to(logp.dtype) * mf
+        pg = pg_unclipped + cfg.kl_cov_coef * log_ratio.abs() * sel
+        metrics["kl_cov_frac"] = sel.sum() / n_tok
     else:
         pg = torch.maximum(pg_unclipped, pg_clip)
         if cfg.dual_clip_c is not None:
@@ -239,15 +235,9 @@ def policy_loss(inp: PolicyLossInputs, cfg: LearnerConfig, *, total_tokens: floa
             metrics["dual_clip_frac"] = mmean((pg > pg_dual) & (adv < 0))
             pg = torch.where(adv < 0, torch.minimum(pg, pg_dual), pg)
         if cfg.entropy_control == "clip_cov":  # verl compute_policy_loss_clip_cov
-            cov = _covariance(adv, logp, valid)
-            cand = valid & (pg_clip <= pg_unclipped) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-            idx = cand.flatten().nonzero().squeeze(1)
-            k = min(_select_count(cfg.clip_cov_ratio, int(valid.sum())), idx.numel())
-            perm = torch.randperm(idx.numel(), generator=generator).to(idx.device)
-            keep = torch.ones(logp.numel(), dtype=logp.dtype, device=logp.device)
-            keep[idx[perm[:k]]] = 0.0
-            pg = pg * keep.view_as(logp)
-            metrics["clip_cov_frac"] = k / n_tok
+            sel = pick.to(logp.dtype) * mf
+            pg = pg * (1.0 - sel)
+            metrics["clip_cov_frac"] = sel.sum() / n_tok
 
     if beh_logp is not None and cfg.tis_cap is not None:
         # like with like: the engine's log-probs are those of its truncated (top-k/top-p) distribution, so the
