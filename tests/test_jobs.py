@@ -40,11 +40,13 @@ def free_ports(n: int) -> list[int]:
 
 
 def stop_tree(proc: subprocess.Popen, grace_s: float = 30) -> None:
-    """Stop `proc` and every process below it: SIGTERM, then SIGKILL after `grace_s`. Only these: never
-    `ray stop`, which stops every Ray on the machine (a user's running job included)."""
+    """Stop `proc` and every process below it: SIGTERM to `proc` (`ray start --block` then stops what it
+    started, in about 3 s; a SIGTERM to each process instead leaves GCS and raylet waiting for each other), then
+    SIGKILL to the whole tree after `grace_s`. Only these: never `ray stop`, which stops every Ray on the
+    machine (a user's running job included)."""
     tree = {proc.pid, *descendants(proc.pid)}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in tree:
+    for sig, targets in ((signal.SIGTERM, {proc.pid}), (signal.SIGKILL, tree)):
+        for pid in targets:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -81,17 +83,20 @@ def ray_head(tmp_path_factory):
     # The job's `python` must be this environment's: put it first on the head's PATH.
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", RAY_AUTH_MODE="token",
                RAY_AUTH_TOKEN_PATH=str(token_path))
-    head = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", *(f"{flag}={port}" for flag, port in ports.items()),
-         f"--min-worker-port={lo}", f"--max-worker-port={lo + 50}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    # its output to a file: a pipe nobody reads fills up, and the head then blocks on its way out
+    head_log = temp_dir / "head.log"
+    with head_log.open("w") as out:
+        head = subprocess.Popen(
+            [ray, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+             "--disable-usage-stats", f"--temp-dir={temp_dir}", *(f"{flag}={port}" for flag, port in ports.items()),
+             f"--min-worker-port={lo}", f"--max-worker-port={lo + 50}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     address = f"http://127.0.0.1:{ports['--dashboard-port']}"
     try:
         deadline = time.monotonic() + 180
         while not _answers(address):
-            assert head.poll() is None, head.stdout.read()
+            assert head.poll() is None, head_log.read_text()
             assert time.monotonic() < deadline, "the test head's job API never answered"
             time.sleep(1)
         yield address, token_path
