@@ -143,3 +143,22 @@ def test_every_actor_proves_it_sees_the_run_directory(fleet_run, tmp_path):
     elsewhere = RunDir(tmp_path / "only-on-the-driver")  # a directory the actor's node does not have
     with pytest.raises(RunDirNotShared, match=rf"actor rollout-0 on node {ray.util.get_node_ip_address()}"):
         check_run_dir({"rollout-0": actors.rollout.handles[0]}, elsewhere)
+
+
+def test_evaluation_is_spread_over_the_replicas(fleet_run, tmp_path):
+    """The loop's evaluation (eval.limit 6 items) with two replicas: each scores a share of the items, and the
+    answers file and scalars cover every item exactly once, in benchmark order."""
+    import ray
+
+    from selfplay.evaluation.benchmarks import load_benchmark
+    from selfplay.evaluation.evaluate import read_answers
+
+    cfg, rd, actors = fleet_run
+    fleet = actors.rollout
+    scalars = ray.get(fleet.evaluate.remote(3, str(tmp_path / "eval")))
+    assert 0.0 <= scalars["eval/generated/pass@1"] <= 1.0 and "eval/generated/answered" in scalars
+    records = read_answers(tmp_path / "eval" / "iter-00003" / "answers.parquet")
+    items = load_benchmark(cfg.eval.benchmark, limit=cfg.eval.limit).items
+    assert len(items) == 6
+    assert [r["question_id"] for r in records] == [it.id for it in items for _ in range(cfg.eval.samples)]
+    assert sorted({r["replica"] for r in records}) == [0, 1]  # both replicas scored a share

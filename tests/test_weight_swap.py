@@ -98,9 +98,9 @@ def test_shipped_adapters_keep_the_previous_version_when_versions_step_by_two():
     import shutil
     from pathlib import Path
 
-    from selfplay.run.cluster.actors import _local_adapter
+    from selfplay.rollout.worker import local_adapter
 
-    paths = [Path(_local_adapter(AdapterUpdate("swaptest", "/nowhere", v, files={"a.txt": b"x"})).path)
+    paths = [Path(local_adapter(AdapterUpdate("swaptest", "/nowhere", v, files={"a.txt": b"x"})).path)
              for v in (2, 4, 6)]
     try:
         assert [p.exists() for p in paths] == [False, True, True]

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import ExitStack
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Optional, Sequence
@@ -340,23 +341,45 @@ def evaluate_during_training(engine: Any, executor: Any, verifier: Any, cfg: Eva
 
     Reuses the run's engine, sandbox (through `executor`) and verifier. `adapter="auto"` scores the
     executor's adapter when the engine holds one (LoRA runs), else the base weights. With `out_dir`, the
-    answers and results of this evaluation go to `out_dir/iter-NNNNN/` for auditing.
+    answers and results of this evaluation go to `out_dir/iter-NNNNN/` for auditing. Several rollout replicas
+    split the items (`eval_shard` on each, `eval_summary` once over all their records).
     """
-    from roles.executor import Executor
+    started = time.time()
+    records, adapter = eval_shard(engine, executor, verifier, cfg, adapter)
+    return eval_summary(records, cfg, verifier, adapter, iteration, out_dir, started)
 
+
+def _benchmark(cfg: EvalConfig) -> Benchmark:
     if cfg.benchmark is None:
         raise ValueError("eval.benchmark is not set: name a benchmark (e.g. generated) or a JSONL/Parquet file")
     key = (cfg.benchmark, cfg.fields, cfg.limit)
     if key not in _BENCHMARKS:
         _BENCHMARKS[key] = load_benchmark(cfg.benchmark, fields=cfg.fields, limit=cfg.limit)
-    bench = _BENCHMARKS[key]
+    return _BENCHMARKS[key]
+
+
+def eval_shard(engine: Any, executor: Any, verifier: Any, cfg: EvalConfig, adapter: str | None = "auto",
+               index: int = 0, count: int = 1) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of every `count`-th benchmark item from `index` (one replica's share), and the adapter
+    they were sampled with."""
+    from roles.executor import Executor
+
+    bench = _benchmark(cfg)
     if adapter == "auto":
         adapter = "executor" if "executor" in getattr(engine, "adapter_versions", {}) else None
     exec_cfg = eval_executor_config(executor.cfg, cfg.tools, cfg.samples, cfg.temperature)
     runner = Executor(engine, executor.run_many, exec_cfg, max_model_len=executor.max_model_len,
                       tool_timeout_s=executor.tool_timeout_s)
-    started = time.time()
-    records = run_benchmark(bench, runner, verifier, cfg.samples, adapter, getattr(engine, "max_batch_size", 64))
+    share = dataclasses.replace(bench, items=bench.items[index::count])
+    return run_benchmark(share, runner, verifier, cfg.samples, adapter, getattr(engine, "max_batch_size", 64)), adapter
+
+
+def eval_summary(records: list[dict[str, Any]], cfg: EvalConfig, verifier: Any, adapter: str | None,
+                 iteration: int | None, out_dir: str | Path | None, started: float) -> dict[str, float]:
+    """The scalars of all the records (every share), written under `out_dir` as `evaluate_during_training` says."""
+    bench = _benchmark(cfg)
+    order = {item.id: i for i, item in enumerate(bench.items)}
+    records = sorted(records, key=lambda r: (order.get(r["question_id"], len(order)), r["sample_index"]))
     metrics = compute_metrics(records, same=verifier.same, check=bench.check)
     if out_dir is not None:
         sub = Path(out_dir) / (f"iter-{iteration:05d}" if iteration is not None else "latest")

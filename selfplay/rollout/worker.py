@@ -76,14 +76,33 @@ class RolloutWorker:
 
     def evaluate(self, iteration: int, out_dir: str | None = None) -> dict[str, float]:
         """Held-out evaluation of the executor's current adapter (`eval` section), on this worker's engine."""
-        from roles.verifier import Verifier
         from selfplay.evaluation.evaluate import evaluate_during_training
 
-        if self._verifier is None:
-            self._verifier = Verifier(self.cfg.verifier)
         self.engine.reseed((self.cfg.seed * 1_000_003 + iteration * 101 + 7) % 2**31)
-        return evaluate_during_training(self.engine, self.executor, self._verifier, self.cfg.eval,
+        return evaluate_during_training(self.engine, self.executor, self.verifier(), self.cfg.eval,
                                         iteration=iteration, out_dir=out_dir)
+
+    def eval_shard(self, iteration: int, index: int, count: int) -> tuple[list[dict], str | None]:
+        """This replica's share of an evaluation spread over `count` replicas (records, adapter)."""
+        from selfplay.evaluation.evaluate import eval_shard
+
+        self.engine.reseed((self.cfg.seed * 1_000_003 + iteration * 101 + 7 + 7919 * index) % 2**31)
+        return eval_shard(self.engine, self.executor, self.verifier(), self.cfg.eval, index=index, count=count)
+
+    def eval_summary(self, records: list[dict], iteration: int, out_dir: str | None, adapter: str | None,
+                     started: float) -> dict[str, float]:
+        """The scalars of every replica's records (`eval_shard`), written under `out_dir`."""
+        from selfplay.evaluation.evaluate import eval_summary
+
+        return eval_summary(records, self.cfg.eval, self.verifier(), adapter, iteration, out_dir, started)
+
+    def verifier(self) -> Any:
+        """The verifier evaluation scores with (created on first use)."""
+        if self._verifier is None:
+            from roles.verifier import Verifier
+
+            self._verifier = Verifier(self.cfg.verifier)
+        return self._verifier
 
     def update_weights(self, update: WeightUpdate) -> dict[str, int]:
         name = getattr(update, "name", None)
@@ -104,3 +123,24 @@ class RolloutWorker:
         if self._verifier is not None:
             self._verifier.close()
         self.engine.close()
+
+
+def local_adapter(update: Any) -> Any:
+    """An adapter that travelled through Ray's object store (`files`) is written to this node's disk and
+    loaded from there: a replica on another node never needs the learner's path."""
+    if not isinstance(update, AdapterUpdate) or not update.files:
+        return update
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.gettempdir()) / f"selfplay-adapters-{os.getpid()}" / f"{update.name}-v{update.version:06d}"
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in update.files.items():
+        (root / name).write_bytes(data)
+    # keep this version and the one before it (versions may step by more than one; requests still in flight
+    # on the previous one may need its files: loop.weight_sync=between_requests)
+    for old in sorted(p for p in root.parent.glob(f"{update.name}-v*") if p.name < root.name)[:-1]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return AdapterUpdate(update.name, str(root), update.version)

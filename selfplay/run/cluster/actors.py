@@ -268,29 +268,6 @@ class LearnerActor(_Busy):
         return os.getpid()
 
 
-def _local_adapter(update: Any) -> Any:
-    """An adapter that travelled through Ray's object store (`files`) is written to this node's disk and
-    loaded from there: a replica on another node never needs the learner's path."""
-    from selfplay.types import AdapterUpdate
-
-    if not isinstance(update, AdapterUpdate) or not update.files:
-        return update
-    import tempfile
-    from pathlib import Path
-
-    root = Path(tempfile.gettempdir()) / f"selfplay-adapters-{os.getpid()}" / f"{update.name}-v{update.version:06d}"
-    root.mkdir(parents=True, exist_ok=True)
-    for name, data in update.files.items():
-        (root / name).write_bytes(data)
-    # keep this version and the one before it (versions may step by more than one; requests still in flight
-    # on the previous one may need its files: loop.weight_sync=between_requests)
-    for old in sorted(p for p in root.parent.glob(f"{update.name}-v*") if p.name < root.name)[:-1]:
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    return AdapterUpdate(update.name, str(root), update.version)
-
-
 class RolloutActor(_Busy):
     def __init__(self, cfg: RunConfig, rd: RunDir, sandbox: Any, name: str = "rollout"):
         _own_log(rd, name)
@@ -325,11 +302,13 @@ class RolloutActor(_Busy):
     def _finished_exports(self) -> list:
         if not self._exports:
             return []
+        from selfplay.rollout.worker import local_adapter
+
         ready, self._exports = ray.wait(self._exports, num_returns=len(self._exports), timeout=0)
         out = []
         for ref in ready:
             try:
-                out.append(_local_adapter(ray.get(ref)))
+                out.append(local_adapter(ray.get(ref)))
             except Exception as e:  # a failed export is the driver's to report (its publish raises it), not ours
                 log.warning("learner export failed; the rollout keeps its adapter: %s", e)
         return out
@@ -344,13 +323,22 @@ class RolloutActor(_Busy):
 
     @busy
     def update_weights(self, update: Any) -> dict[str, int]:
-        return self.worker.update_weights(_local_adapter(update))
+        from selfplay.rollout.worker import local_adapter
+
+        return self.worker.update_weights(local_adapter(update))
 
     def versions(self) -> dict[str, int]:
         return self.worker.versions()
 
     def evaluate(self, iteration: int, out_dir: str) -> dict[str, float]:
         return self.worker.evaluate(iteration, out_dir)
+
+    def eval_shard(self, iteration: int, index: int, count: int) -> tuple[list[dict], str | None]:
+        return self.worker.eval_shard(iteration, index, count)
+
+    def eval_summary(self, records: list[dict], iteration: int, out_dir: str, adapter: str | None,
+                     started: float) -> dict[str, float]:
+        return self.worker.eval_summary(records, iteration, out_dir, adapter, started)
 
     def pid(self) -> int:
         return os.getpid()

@@ -19,6 +19,7 @@ replica or many; they block until the replicas answer and return a ready object 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Sequence
 
 import ray
@@ -213,9 +214,26 @@ class RolloutFleet:
         return int(sum(ray.get([self.handles[r].swaps.remote() for r in self.router.live])))
 
     def _evaluate(self, iteration: int, out_dir: str) -> dict[str, float]:
-        if len(self.handles) > 1:
-            self._ready()
-        return ray.get(self.handles[self.router.live[0]].evaluate.remote(iteration, out_dir))
+        """One replica evaluates alone; several split the benchmark's items (every live replica a share, a lost
+        replica's share re-run on the first live one), and the first live one scores all the records."""
+        if len(self.handles) == 1:
+            return ray.get(self.handles[0].evaluate.remote(iteration, out_dir))
+        self._ready()
+        live, started = list(self.router.live), time.time()
+        refs = [self.handles[r].eval_shard.remote(iteration, i, len(live)) for i, r in enumerate(live)]
+        records, adapters = [], set()
+        for i, (r, ref) in enumerate(zip(live, refs)):
+            try:
+                part, adapter = ray.get(ref)
+            except _DEAD as e:
+                self._lost(r, e)
+                part, adapter = ray.get(self.handles[self.router.live[0]].eval_shard.remote(iteration, i, len(live)))
+            records += [{**rec, "replica": r} for rec in part]
+            adapters.add(adapter)
+        if len(adapters) > 1:  # the fleet checked the versions before (_ready): a replica without the adapter
+            raise RuntimeError(f"evaluation replicas scored different adapters: {sorted(map(str, adapters))}")
+        return ray.get(self.handles[self.router.live[0]].eval_summary.remote(records, iteration, out_dir,
+                                                                            adapters.pop(), started))
 
     def _busy_seconds(self) -> float:
         """Summed over live replicas (parallel replicas can add up to more than the wall time)."""
