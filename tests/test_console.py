@@ -42,10 +42,21 @@ def lines_before(out: str, prefix: str) -> list[str]:
 
 
 def test_console_is_short_logs_go_to_files_and_resume_extends(tmp_path):
+    """Also (sharing the run) the loop runs every requested update with one learner process: proposer_updates=2
+    on 2 proposer groups is 2 optimizer steps, version 2 published (tests/test_scale_e2e.py: over two ranks)."""
+    import json
+    import sqlite3
+
     rd = RunDir(tmp_path / "run")
-    res = selfplay("run", DEBUG, f"run_dir={rd.root}", "loop.iterations=1", *TINY)
+    res = selfplay("run", DEBUG, f"run_dir={rd.root}", "loop.iterations=1", *TINY, "loop.proposer_updates=2")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    con = sqlite3.connect(f"file:{rd.metrics}?mode=ro", uri=True)
+    scalars = dict(con.execute("SELECT key, value FROM scalars WHERE iteration=1").fetchall())
+    con.close()
+    assert scalars["learner/proposer/steps"] == scalars["learner/proposer/steps_requested"] == 2.0, scalars
+    assert scalars["learner/proposer/policy_version"] == 2.0
+    assert json.loads((rd.adapters / "published.json").read_text())["proposer"]["version"] == 2
     before = lines_before(out, "it    1")
     assert len(before) <= MAX_LINES_BEFORE_SUMMARY, "\n".join(before)
     assert before[0] == f"run directory: {rd.root}"
