@@ -57,13 +57,16 @@ def test_merge_metrics_sums_counts_and_weights_means_by_tokens():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def make_tiny_model(out: Path) -> str:
     """A random-weight 2-layer Llama with the embedded model's tokenizer: fast, and fp32 on CPU."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from selfplay.models import resolve_model_path
 
-    out = tmp_path_factory.mktemp("tiny") / "model"
     tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -147,8 +147,10 @@ class GradSync:
 
 def init_group(rank: int, world_size: int, address: str, port: int, backend: str | None = None,
                sharded: bool = False) -> GradSync:
-    """Join the ranks' process group (TCP rendezvous at rank 0's address)."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    """Join the ranks' process group (TCP rendezvous at rank 0's address). On CUDA the group has two backends:
+    NCCL for the CUDA tensors (the gradients) and gloo for the small CPU ones (`totals`, `reduce_sum`, FSDP's
+    forward counts), which NCCL alone refuses."""
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
     return GradSync(world_size, rank, sharded)

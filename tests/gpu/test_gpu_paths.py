@@ -79,12 +79,58 @@ def test_vllm_on_cuda_serves_lora_adapters_as_teacher_forcing_scores_them(tmp_pa
     assert torch.allclose(torch.tensor(c.logprobs), expect, atol=5e-2)
 
 
-def test_nccl_learner_ranks_agree():
-    """Two learner ranks over NCCL must end a step with identical adapters. Multi-rank learners do not exist
-    yet (learner.world_size); until they do this test says so instead of passing."""
-    if "world_size" not in LearnerConfig.model_fields:
-        pytest.skip("multi-rank learners (learner.world_size, NCCL) are not implemented yet")
+def _nccl_rank(rank: int, port: int, model: str, out: str) -> None:
+    """One of two ddp ranks, each on its own GPU, in the group `init_group` makes on CUDA (NCCL + gloo)."""
+    from selfplay.learner.distributed import init_group, shard_groups
+    from selfplay.learner.learner import Learner
+    from test_ranks import batch
+
+    torch.cuda.set_device(rank)
+    cfg = _nccl_config(model)
+    learner = Learner(cfg.model, cfg.learner, seed=cfg.seed, device=f"cuda:{rank}")
+    learner.dist = init_group(rank, 2, "127.0.0.1", port)
+    with torch.no_grad():  # as LearnerActor.join: every rank starts from rank 0's weights
+        for params in learner._params.values():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
+    for b in (batch(1, 5), batch(2, 5)):
+        mine = [b[i] for i in shard_groups(b, 2)[rank]]
+        learner.train_batch("executor", mine, parts=[list(range(len(mine)))])
+    learner.export("executor", f"{out}/rank{rank}")
+
+
+def _nccl_config(model: str):
+    from selfplay.config import load_config
+
+    return load_config(None, [f"model.name_or_path={model}", "model.dtype=float32", "learner.bf16=off",
+                              "learner.gradient_checkpointing=off", "learner.world_size=2", "learner.lr=1e-2",
+                              "learner.kl_coef=0.05", "learner.micro_batch_tokens=64", "learner.lora.r=4",
+                              "learner.lora.alpha=8", "learner.adpo=false", "learner.entropy_control=clip_cov",
+                              "learner.clip_cov_ratio=0.1", "learner.clip_cov_lb=-100", "learner.clip_cov_ub=100"])
+
+
+def test_nccl_learner_ranks_agree(tmp_path):
+    """Two ddp ranks over NCCL (gradients) and gloo (the CPU-side totals and Clip-Cov's whole-step choice) end
+    two steps with identical adapters, equal to one process's on the whole batches (fp32, TF32 off)."""
     if torch.cuda.device_count() < 2:
-        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
-    pytest.fail("learner.world_size exists: replace this placeholder with a 2-rank NCCL step that compares "
-                "the ranks' adapters")
+        pytest.skip(f"needs 2 CUDA devices (NCCL refuses two ranks on one), found {torch.cuda.device_count()}")
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from selfplay.learner.distributed import free_port
+    from selfplay.learner.learner import Learner
+    from test_ranks import batch, make_tiny_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_tiny_model(tmp_path / "model")
+    cfg = _nccl_config(model)
+    single = Learner(cfg.model, cfg.learner, seed=cfg.seed, device="cuda:0")
+    for b in (batch(1, 5), batch(2, 5)):
+        single.train_step("executor", b)
+    single.export("executor", tmp_path / "single")
+    mp.spawn(_nccl_rank, args=(free_port(), model, str(tmp_path)), nprocs=2)
+    want, r0, r1 = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("single", "rank0", "rank1"))
+    assert want.keys() == r0.keys() == r1.keys()
+    for k in want:
+        assert torch.equal(r0[k], r1[k]), k  # the ranks stay identical
+        assert torch.allclose(r0[k], want[k], atol=1e-4, rtol=0), (k, (r0[k] - want[k]).abs().max())
