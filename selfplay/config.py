@@ -193,7 +193,9 @@ class LearnerConfig(Section):
     kl_ratio_correction: bool = False
     gradient_checkpointing: Switch = "auto"  # auto: on for CUDA
     bf16: Switch = "auto"  # autocast; auto: on for CUDA
-    keep_checkpoints: int = Field(2, ge=1)  # newest step-* checkpoints kept (the one `latest` names always is)
+    # newest step-* checkpoints kept; the one `latest` names always is, and so is the one before it until
+    # the next save (the run's last commit may still name it)
+    keep_checkpoints: int = Field(2, ge=1)
     # run each distinct prompt once per micro-batch and fan its KV cache out to its G samples (exact gradients;
     # needs gradient checkpointing off, ignored when it is on)
     prompt_sharing: bool = True

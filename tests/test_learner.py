@@ -140,6 +140,20 @@ def test_latest_pointer_and_prune(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step-00000002", "step-00000003"]
 
 
+def test_a_save_keeps_the_checkpoint_the_last_commit_names(tmp_path):
+    """keep_checkpoints=1: a save removes older checkpoints, but not the one `latest` named before it, which
+    the run's last commit still names until the driver commits the new one (a kill in between resumes from
+    it); the save after that removes it."""
+    learner = Learner(ModelConfig(), lora_cfg(keep_checkpoints=1), roles=(ROLE,), seed=0)
+    first = learner.save_checkpoint(tmp_path)
+    learner.step += 1
+    second = learner.save_checkpoint(tmp_path)
+    assert first.is_dir() and second.is_dir() and resolve_checkpoint(tmp_path) == second
+    learner.step += 1
+    third = learner.save_checkpoint(tmp_path)
+    assert not first.exists() and second.is_dir() and third.is_dir()
+
+
 # ------------------------------------------------------------------------------------------ gradients
 @pytest.fixture(scope="module")
 def batch():

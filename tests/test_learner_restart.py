@@ -116,8 +116,8 @@ def test_a_killed_fsdp2_rank_restarts_the_group_and_the_run_finishes_as_if_unint
 
 def test_a_rank_dying_beyond_max_learner_restarts_stops_the_run_with_one_line(tmp_path):
     """`ray.max_learner_restarts=0`: the first dead rank ends the run, one line naming the field; the last
-    commit (none yet) stays the resume point. The rank dies at iteration 1's commit (the shortest way there),
-    while the ranks save the checkpoint: a death there is a dead rank too, not a crash."""
+    commit (none yet) stays the resume point. The rank dies as iteration 1's commit starts (the shortest way
+    there), so the ranks' checkpoint save fails: a death there is a dead rank too, not a crash."""
     rd = RunDir(tmp_path / "run")
     code, out, killed = _run_killing_rank_1(rd, tmp_path / "out.log", "ray.max_learner_restarts=0", at=1,
                                             stage="commit")

@@ -73,8 +73,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return target
 
 
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` step-* directories (never the one `latest` names); return removed."""
+def prune_checkpoints(root: str | os.PathLike, keep: int, protect: tuple[str | None, ...] = ()) -> list[Path]:
+    """Delete all but the newest `keep` step-* directories (never the one `latest` names, nor those named in
+    `protect`); return removed."""
     root = Path(root)
     pointer = root / LATEST
     current = pointer.read_text().strip() if pointer.exists() else None
@@ -83,7 +84,7 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     )
     removed = []
     for _, p in steps[: max(0, len(steps) - keep)]:
-        if p.name != current:
+        if p.name != current and p.name not in protect:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -143,8 +144,12 @@ def save_learner(learner: Any, root: str | os.PathLike) -> Path:
                  "seed": learner.seed, "finetune": learner.cfg.finetune, "sharded": fsdp is not None,
                  "model": learner.model_cfg.model_dump(mode="json"), "learner": learner.cfg.model_dump(mode="json")}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    pointer = root / LATEST
+    previous = pointer.read_text().strip() if pointer.exists() else None
     write_latest(root, name)
-    prune_checkpoints(root, learner.cfg.keep_checkpoints)
+    # the previous checkpoint survives this save: the run's last commit names it until the driver commits
+    # this one (a kill or a dead rank in between rolls back to it), whatever `keep_checkpoints` says
+    prune_checkpoints(root, learner.cfg.keep_checkpoints, protect=(previous,))
     return root / name
 
 def load_learner(learner: Any, path: str | os.PathLike) -> Path:

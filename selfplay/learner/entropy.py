@@ -10,8 +10,9 @@ verl applies it to each micro-batch, so its update changes with the micro-batch 
 world size. Here the rule sees the whole optimizer step (every micro-batch of every rank): the means and N
 are all-reduced, the draw is keyed by (trajectory, token position), not by which rank or micro-batch holds
 the token, and the k picks are chosen over the gathered candidates. So `learner.micro_batch_tokens` and
-`learner.world_size` leave the update unchanged. Its cost: the learner's no-grad forward of each micro-batch
-before the step's first backward (the current log-probs the means need).
+`learner.world_size` leave the update unchanged (up to float rounding at a near-tie of the k-th pick). Its
+cost: the learner's no-grad forward of each micro-batch before the step's first backward (the current
+log-probs the means need).
 """
 from __future__ import annotations
 

@@ -368,15 +368,13 @@ class Learner:
         rounds = self._rounds(len(mbs))
         with torch.no_grad():
             for mb in mbs:
-                want_sampler = plan.use_is and mb.old_logp_sampler is None
-                logp, _, sampler = self._token_logps(mb, sampler=want_sampler)
-                if mb.old_logp is None:  # the first mini-batch: the weights before its step, as the loop sets it
-                    mb.old_logp = logp
-                if want_sampler:
-                    mb.old_logp_sampler = sampler
+                logp = self._token_logps(mb)[0]
+                # the first mini-batch's proximal log-probs come from its training forward (ratio exactly 1,
+                # also under LoRA dropout): here, as there, the ratio is 1
+                old = logp if mb.old_logp is None else mb.old_logp
                 ids = [plan.trajs[i].traj_id for i in mb.rows]
                 eps = cfg.eps_high if mb.eps_high is None else mb.eps_high.view(-1, 1)
-                items.append(StepTokens(mb.advantages.view(-1, 1).expand_as(logp), logp, mb.old_logp, mb.mask,
+                items.append(StepTokens(mb.advantages.view(-1, 1).expand_as(logp), logp, old, mb.mask,
                                         priorities(f"{self.seed}/{role}/{self.step}", ids, logp.shape[1]), eps))
         self._fill(rounds, len(mbs))
         ratio = cfg.kl_cov_ratio if cfg.entropy_control == "kl_cov" else cfg.clip_cov_ratio

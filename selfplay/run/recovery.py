@@ -76,7 +76,12 @@ def wait_gone(handles: list[Any], rd: RunDir, wait_s: float = 60.0) -> list[int]
     pings = [h.pid.remote() for h in handles]
     ray.wait(pings, num_returns=len(pings), timeout=wait_s)
     node = ray.util.get_node_ip_address()
-    starts = {e["actor"]: e for e in rd.read_events() if e.get("event") == "actor_start"}
+    starts: dict[str, dict] = {}  # the stopped actors' processes: the starts since this driver life's last
+    for e in rd.read_events():    # actor start-up (a driver start or a group restart), the last per name
+        if e.get("event") in ("driver_start", "learner_restart"):
+            starts = {}
+        elif e.get("event") == "actor_start":
+            starts[e["actor"]] = e
     pids = [int(e["pid"]) for e in starts.values() if e.get("node") == node and e.get("pid")]
     left = pids
     while left and time.monotonic() < end:

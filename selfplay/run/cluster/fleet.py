@@ -227,7 +227,10 @@ class RolloutFleet:
                 part, adapter = ray.get(ref)
             except _DEAD as e:
                 self._lost(r, e)
-                part, adapter = ray.get(self.handles[self.router.live[0]].eval_shard.remote(iteration, i, len(live)))
+                if not self.router.live:
+                    raise RuntimeError(f"every rollout replica died during the evaluation of iteration {iteration}")
+                r = self.router.live[0]  # its share again, on a live replica
+                part, adapter = ray.get(self.handles[r].eval_shard.remote(iteration, i, len(live)))
             records += [{**rec, "replica": r} for rec in part]
             adapters.add(adapter)
         if len(adapters) > 1:  # the fleet checked the versions before (_ready): a replica without the adapter
